@@ -1,0 +1,481 @@
+"""Flamingo (Alayrac et al., 2022) as OpenFlamingo and Otter built it, on a stock transformers causal LM.
+
+    pixels ─ vision_encoder (CLIP) ─ perceiver ─ media latents ──────────┐ (keys/values of every block)
+    tokens ─ embeddings ─ [gated cross-attention → decoder layer] × N ─ norm ─ lm_head ─ logits
+
+The language model is the unmodified transformers model (`LlamaForCausalLM`, `MptForCausalLM`, ...).
+Each of its decoder layers is wrapped in a `FlamingoLayer` that holds the original layer as
+`decoder_layer` and, every `cross_attn_every_n_layers` layers, a `GatedCrossAttentionBlock` as
+`gated_cross_attn_layer`. The module tree therefore *is* the published checkpoint layout:
+
+    vision_encoder.vision_model.*                          CLIPVisionModel
+    perceiver.{latents, frame_embs, layers.<j>.*, norm.*}  PerceiverResampler
+    lang_encoder.<decoder path>.<i>.decoder_layer.*        the LM's own decoder layer
+    lang_encoder.<decoder path>.<i>.gated_cross_attn_layer.*
+
+Which image each text token sees is decided once per forward (`attended_image`) and reaches the
+cross-attention blocks through a context variable rather than through the LM's forward: some LMs
+(MPT) drop extra keyword arguments before their layer loop, and a context variable keeps
+concurrent calls (several requests in threads) apart without leaving state on modules.
+"""
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_flamingo import FlamingoConfig
+
+logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, H, Tq, d)
+    key: torch.Tensor,  # (B, H, Tk, d)
+    value: torch.Tensor,  # (B, H, Tk, d)
+    attention_mask: torch.Tensor | None,  # bool (B, 1, Tq, Tk), True = may attend
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights  # (B, Tq, H, d)
+
+
+def attend(module: nn.Module, query, key, value, attention_mask, scaling: float) -> torch.Tensor:
+    """Multi-head attention through transformers' attention functions: SDPA unless the model was
+    loaded with `attn_implementation="eager"` (kernels without arbitrary masks fall back to SDPA)."""
+    implementation = "eager" if module.config._attn_implementation == "eager" else "sdpa"
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    output, _ = attention(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0)
+    return rearrange(output, "b t h d -> b t (h d)")
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """Pre-norm GELU MLP without biases; the indices 0/1/3 are the checkpoint's key names."""
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Perceiver resampler: a variable number of patch features -> a fixed number of latents per image
+# --------------------------------------------------------------------------------------------------
+class PerceiverBlock(GradientCheckpointingLayer):
+    """Latents attend to [media features; latents], then a feed-forward; both residual."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        dim, heads, dim_head = config.vision_config.hidden_size, config.perceiver_heads, config.perceiver_dim_head
+        self.config = config
+        self.heads, self.scale, self.is_causal = heads, dim_head**-0.5, False
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.feed_forward = feed_forward(dim, config.perceiver_ff_mult)
+
+    def forward(self, latents: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+        # latents (N, n_latents, D_v); media (N, F·v, D_v), N = B·T_img; kept 3-D for bnb int8 on CPU
+        media, normed_latents = self.norm_media(media), self.norm_latents(latents)
+        query = self.to_q(normed_latents)
+        key, value = self.to_kv(torch.cat([media, normed_latents], dim=1)).chunk(2, dim=-1)
+        query, key, value = (rearrange(x, "n t (h d) -> n h t d", h=self.heads) for x in (query, key, value))
+        latents = self.to_out(attend(self, query, key, value, None, self.scale)) + latents
+        return self.feed_forward(latents) + latents
+
+
+class PerceiverResampler(nn.Module):
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        dim = config.vision_config.hidden_size
+        self.latents = nn.Parameter(torch.randn(config.perceiver_num_latents, dim))
+        if config.max_num_frames is not None:
+            self.frame_embs = nn.Parameter(torch.randn(config.max_num_frames, dim))
+        else:
+            self.frame_embs = None
+        self.layers = nn.ModuleList([PerceiverBlock(config) for _ in range(config.perceiver_depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, F, v, D_v) patch features of N images (F frames each) -> (N, n_latents, D_v)."""
+        num_frames = features.shape[1]
+        if self.frame_embs is not None:
+            if num_frames > self.frame_embs.shape[0]:
+                raise ValueError(f"got {num_frames} frames per image; this model has {self.frame_embs.shape[0]} frame embeddings")
+            features = features + self.frame_embs[:num_frames, None]
+        elif num_frames > 1:
+            raise ValueError(f"got {num_frames} frames per image, but this model takes images only (config.max_num_frames is None)")
+        media = rearrange(features, "n f v d -> n (f v) d")
+        latents = self.latents.expand(media.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, media)
+        return self.norm(latents)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gated cross-attention, spliced before decoder layers
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class MediaCache:
+    """Images encoded once per call or once per `generate`.
+
+    `latents` are the perceiver's output. While no gradient is recorded (inference, generation), each
+    cross-attention block stores its projected keys and values in `keys_values` on first use, so that
+    decoding steps do not project the same images again."""
+
+    latents: torch.Tensor  # (B, T_img, n_latents, D_v)
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return self.latents.shape[1]
+
+
+@dataclass
+class MediaContext:
+    """What the cross-attention blocks need for one forward: the images and which one each token sees."""
+
+    media: MediaCache | None
+    attended_image: torch.Tensor  # (B, T_txt) long: 1-based image index per token; 0 = no image yet
+
+    def attention_mask(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """bool (B, 1, T_txt, T_img·n) "token may attend to this latent", or None when all may; and
+        bool (B, T_txt, 1) "token sees an image at all" (the others get exactly zero cross-attention)."""
+        attended = self.attended_image.to(device)
+        sees_image = (attended >= 1) & (attended <= self.media.num_images)
+        if self.media.num_images == 1:
+            return None, sees_image[..., None]  # one image: whoever sees an image sees all its latents
+        latent_image = torch.arange(1, self.media.num_images + 1, device=device)
+        latent_image = latent_image.repeat_interleave(self.media.latents.shape[2])  # (T_img·n,)
+        # Rows that see no image may attend anywhere (their output is zeroed): avoids all-masked rows.
+        mask = (attended[..., None] == latent_image) | ~sees_image[..., None]
+        return mask[:, None], sees_image[..., None]
+
+
+_media_context: contextvars.ContextVar[MediaContext | None] = contextvars.ContextVar("flamingo_media", default=None)
+
+
+@contextlib.contextmanager
+def media_context(context: MediaContext) -> Iterator[None]:
+    token = _media_context.set(context)
+    try:
+        yield
+    finally:
+        _media_context.reset(token)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text tokens (queries) attend to the latents of one image: the latest `<image>` at or before them."""
+
+    def __init__(self, config: FlamingoConfig, layer_idx: int):
+        super().__init__()
+        dim, dim_visual = config.text_config.hidden_size, config.vision_config.hidden_size
+        heads, dim_head = config.cross_attn_heads, config.cross_attn_dim_head
+        self.config, self.layer_idx = config, layer_idx
+        self.heads, self.scale, self.is_causal = heads, dim_head**-0.5, False
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def media_keys_values(self, media: MediaCache, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, T_img·n, d) keys and values of the images, projected once per call when possible."""
+        if self.layer_idx in media.keys_values:
+            return media.keys_values[self.layer_idx]
+        latents = rearrange(media.latents.to(device), "b t n d -> b (t n) d")
+        key, value = self.to_kv(latents).chunk(2, dim=-1)
+        key, value = (rearrange(x, "b t (h d) -> b h t d", h=self.heads) for x in (key, value))
+        if not torch.is_grad_enabled():
+            media.keys_values[self.layer_idx] = (key, value)
+        return key, value
+
+    def forward(self, hidden_states: torch.Tensor, context: MediaContext) -> torch.Tensor:
+        # hidden_states (B, T_txt, D) -> (B, T_txt, D)
+        key, value = self.media_keys_values(context.media, hidden_states.device)
+        query = rearrange(self.to_q(self.norm(hidden_states)), "b t (h d) -> b h t d", h=self.heads)
+        mask, sees_image = context.attention_mask(hidden_states.device)
+        output = attend(self, query, key, value, mask, self.scale) * sees_image
+        return self.to_out(output)
+
+
+class GatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """`x + tanh(attn_gate)·xattn(x) `, then `+ tanh(ff_gate)·ff(x)`. Gates start at 0: a new block is the identity."""
+
+    def __init__(self, config: FlamingoConfig, layer_idx: int):
+        super().__init__()
+        dim = config.text_config.hidden_size
+        self.attn = MaskedCrossAttention(config, layer_idx)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.feed_forward = feed_forward(dim, config.cross_attn_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden_states: torch.Tensor, context: MediaContext) -> torch.Tensor:
+        if context.media is not None:  # text-only input: the attention output is zero, the FF still runs
+            hidden_states = self.attn(hidden_states, context) * self.attn_gate.tanh() + hidden_states
+        return self.feed_forward(hidden_states) * self.ff_gate.tanh() + hidden_states
+
+
+class FlamingoLayer(nn.Module):
+    """A decoder layer of the language model, preceded by an optional gated cross-attention block."""
+
+    def __init__(self, decoder_layer: nn.Module, gated_cross_attn_layer: GatedCrossAttentionBlock | None):
+        super().__init__()
+        self.decoder_layer = decoder_layer
+        self.gated_cross_attn_layer = gated_cross_attn_layer
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        context = _media_context.get()
+        if self.gated_cross_attn_layer is not None and context is not None:
+            hidden_states = self.gated_cross_attn_layer(hidden_states, context)
+        return self.decoder_layer(hidden_states, *args, **kwargs)
+
+
+def find_decoder_layers(language_model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
+    """The `nn.ModuleList` of decoder layers: `path` if given, else the only module list with one entry
+    per hidden layer, all of one class (`model.layers`, `transformer.blocks`, `gpt_neox.layers`, ...)."""
+    if path is not None:
+        return path, language_model.get_submodule(path)
+    num_layers = language_model.config.get_text_config().num_hidden_layers
+    candidates = [
+        (name, module)
+        for name, module in language_model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and len({type(m) for m in module}) == 1
+    ]
+    if len(candidates) != 1:
+        found = ", ".join(name for name, _ in candidates) or "none"
+        raise ValueError(
+            f"Cannot tell which module list of {type(language_model).__name__} holds its {num_layers} decoder layers "
+            f"(candidates: {found}). Pass decoder_layers_attr_name='<dotted path>' in the config, e.g. 'model.layers'."
+        )
+    return candidates[0]
+
+
+def splice_cross_attention(language_model: nn.Module, config: FlamingoConfig) -> str:
+    """Wrap every decoder layer in a `FlamingoLayer`, with a cross-attention block before layers
+    n-1, 2n-1, ... (n = `cross_attn_every_n_layers`). Returns the decoder layers' path."""
+    path, layers = find_decoder_layers(language_model, config.decoder_layers_attr_name)
+    n = config.cross_attn_every_n_layers
+    for i, layer in enumerate(layers):
+        block = GatedCrossAttentionBlock(config, layer_idx=i) if (i + 1) % n == 0 else None
+        layers[i] = FlamingoLayer(layer, block)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+def register_published_layout(model_type: str) -> None:
+    """Read and write CLIP as the published checkpoints store it (`vision_encoder.vision_model.*`):
+    transformers 5 flattened `CLIPVisionModel`, so its keys are renamed on load and back on save."""
+    renaming = WeightRenaming(r"^vision_encoder\.vision_model\.", "vision_encoder.")
+    register_checkpoint_conversion_mapping(model_type, [renaming], overwrite=True)
+
+
+def _check_vision_x(vision_x: torch.Tensor) -> None:
+    if vision_x.ndim != 6:
+        raise ValueError(f"vision_x must be (batch, images, frames, channels, height, width); got shape {tuple(vision_x.shape)}")
+
+
+@dataclass
+class FlamingoCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the encoded images, to pass back as `media_cache` for more tokens."""
+
+    media_cache: MediaCache | None = None
+
+
+class FlamingoPreTrainedModel(PreTrainedModel):
+    config: FlamingoConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlamingoLayer", "PerceiverBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    # Buffers that older transformers saved (LLaMA's rotary `inv_freq`, CLIP's `position_ids`), and the
+    # frame embeddings some image-only checkpoints carry: present in published files, unused here.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$", r"\.position_ids$", r"^perceiver\.frame_embs$"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, GatedCrossAttentionBlock):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        elif isinstance(module, PerceiverResampler):
+            init.normal_(module.latents, std=1.0)
+            if module.frame_embs is not None:
+                init.normal_(module.frame_embs, std=1.0)
+
+
+class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
+    """Flamingo with a language-modelling head: `forward` gives logits (and a loss with `labels`),
+    `generate` continues interleaved image/text prompts."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__(config)
+        self.vision_encoder = AutoModel.from_config(config.vision_config)
+        self.perceiver = PerceiverResampler(config)
+        self.lang_encoder = AutoModelForCausalLM.from_config(config.text_config)
+        self.decoder_layers_path = splice_cross_attention(self.lang_encoder, config)
+        self.post_init()
+        self.generation_config.eos_token_id = config.endofchunk_token_id
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lang_encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.lang_encoder.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.lang_encoder.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lang_encoder.set_output_embeddings(value)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.lang_encoder.get_submodule(self.decoder_layers_path)
+
+    # ---- images ------------------------------------------------------------------------------------
+    def encode_images(self, vision_x: torch.Tensor) -> MediaCache:
+        """(B, T_img, F, C, H, W) pixels -> perceiver latents (B, T_img, n_latents, D_v)."""
+        _check_vision_x(vision_x)
+        batch, num_images, num_frames = vision_x.shape[:3]
+        pixels = rearrange(vision_x, "b t f c h w -> (b t f) c h w").to(self.vision_encoder.dtype)
+        # Patch tokens without CLS and before post_layernorm, as OpenFlamingo and Otter were trained.
+        patches = self.vision_encoder(pixel_values=pixels).last_hidden_state[:, 1:]
+        latents = self.perceiver(rearrange(patches, "(n f) v d -> n f v d", f=num_frames))
+        return MediaCache(rearrange(latents, "(b t) n d -> b t n d", b=batch))
+
+    def attended_images(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T): the 1-based index of the image each token cross-attends to, 0 for none.
+        Inclusive: an `<image>` token sees its own image."""
+        is_media = input_ids == self.config.media_token_id
+        attended = is_media.cumsum(dim=-1)
+        if not self._attend_previous():
+            attended = attended + (~is_media).long()  # text attends to the next image
+        return attended
+
+    def _attend_previous(self) -> bool:
+        if self.config.only_attend_previous:
+            return True
+        if self.config.use_media_placement_augmentation and self.training:
+            return bool(torch.rand(()) < 0.5)
+        return False
+
+    def _check_image_count(self, input_ids: torch.Tensor, num_images: int) -> None:
+        """Every `<image>` needs an image; every image slot must be used by at least one row."""
+        counts = (input_ids == self.config.media_token_id).sum(dim=-1).tolist()
+        for row, count in enumerate(counts):
+            if count > num_images:
+                raise ValueError(
+                    f"row {row} of input_ids has {count} <image> tokens (id {self.config.media_token_id}) "
+                    f"but vision_x holds {num_images} images per row"
+                )
+        if max(counts) < num_images:
+            where = f"row 0 has {counts[0]}" if len(counts) == 1 else f"no row has more than {max(counts)}"
+            raise ValueError(f"vision_x holds {num_images} images per row but {where} <image> tokens")
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        vision_x: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        media_cache: MediaCache | None = None,
+        attended_image: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> FlamingoCausalLMOutput:
+        r"""
+        input_ids (B, T): text with one `<image>` token per image.
+        vision_x (B, T_img, F, C, H, W): the images of each row in order (F frames each); rows with fewer
+            images are zero-padded.
+        media_cache: images already encoded by an earlier call (`output.media_cache`), instead of vision_x.
+        attended_image (B, T): the image each position attends to (see `attended_images`); needed with
+            `inputs_embeds` or when `input_ids` continue a cached prefix that holds the `<image>` tokens.
+        Other arguments are the language model's.
+        """
+        if vision_x is not None and media_cache is not None:
+            raise ValueError("pass either vision_x or media_cache, not both")
+        if vision_x is not None:
+            _check_vision_x(vision_x)
+        if attended_image is None:
+            if input_ids is None:
+                raise ValueError("with inputs_embeds, pass attended_image (see FlamingoModel.attended_images)")
+            num_images = vision_x.shape[1] if vision_x is not None else media_cache.num_images if media_cache else 0
+            self._check_image_count(input_ids, num_images)
+            attended_image = self.attended_images(input_ids)
+        if vision_x is not None:
+            media_cache = self.encode_images(vision_x)
+
+        lm_kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        with media_context(MediaContext(media_cache, attended_image)):
+            outputs = self.lang_encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **lm_kwargs,
+                **kwargs,
+            )
+        return FlamingoCausalLMOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            media_cache=media_cache,
+        )
+
+    # ---- generation --------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(
+        self, input_ids, vision_x=None, media_cache=None, attended_image=None, **kwargs
+    ) -> dict:
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # Which image a new token sees follows from the whole sequence so far, not just the new tokens.
+        step_length = model_inputs["input_ids"].shape[1]
+        model_inputs["attended_image"] = self.attended_images(input_ids)[:, -step_length:]
+        if media_cache is not None:
+            model_inputs["media_cache"] = media_cache  # encoded at the first step, reused after
+        else:
+            model_inputs["vision_x"] = vision_x
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs) -> dict:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["media_cache"] = outputs.media_cache
+        return model_kwargs
+
+
+__all__ = ["FlamingoModel", "FlamingoPreTrainedModel", "MediaCache", "register_published_layout"]

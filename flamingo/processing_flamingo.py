@@ -1,0 +1,244 @@
+"""Processor for Flamingo models: turns prompts with `<image>` markers and their images into the model's inputs.
+
+A prompt interleaves text and images, OpenFlamingo style: `"<image>An image of two cats.<|endofchunk|><image>An image
+of"`. Each `<image>` marker is one token and stands for the next image of that prompt; the model's cross-attention
+uses the markers' positions, while the pixels go in `vision_x` of shape `(batch, images, frames=1, 3, H, W)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.image_utils import is_valid_image
+from transformers.utils import logging
+
+from .configuration_flamingo import FlamingoConfig
+
+logger = logging.get_logger(__name__)
+
+PAD_TOKEN = "<PAD>"
+MEDIA_TOKEN = "<image>"
+ENDOFCHUNK_TOKEN = "<|endofchunk|>"
+
+
+class FlamingoProcessor(ProcessorMixin):
+    r"""
+    Holds a `CLIPImageProcessor` and the language model's tokenizer extended with the Flamingo special tokens.
+
+    The published checkpoints ship no tokenizer files: their token ids only exist as the order in which the special
+    tokens were appended to the base tokenizer (`config_class.special_tokens`, then `<PAD>` if the tokenizer has no
+    pad token). Build the processor for such a checkpoint with [`FlamingoProcessor.from_base_tokenizer`]; a folder
+    written by `save_pretrained` already holds the extended tokenizer and loads with `from_pretrained`.
+
+    Args:
+        image_processor (`CLIPImageProcessor`): turns images into pixel values.
+        tokenizer (`PreTrainedTokenizerBase`): a tokenizer that already contains `config_class.special_tokens`.
+        chat_template (`str`, *optional*): a Jinja template for `apply_chat_template`; defaults to the class's
+            `default_chat_template`.
+    """
+
+    config_class = FlamingoConfig
+    default_chat_template: str | None = None
+
+    def __init__(
+        self,
+        image_processor: CLIPImageProcessor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        chat_template: str | None = None,
+    ):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or self.default_chat_template)
+        self._check_special_tokens()
+        self._configure_tokenizer()
+
+    @classmethod
+    def from_base_tokenizer(
+        cls,
+        tokenizer_or_path: PreTrainedTokenizerBase | str | os.PathLike,
+        image_processor: CLIPImageProcessor | None = None,
+        **kwargs: Any,
+    ) -> FlamingoProcessor:
+        """Build the processor from the language model's own tokenizer, as the original code did at model init.
+
+        Appends `config_class.special_tokens` as extra special tokens, then `<PAD>` as pad token if the tokenizer
+        has none, in exactly that order: the checkpoints' embedding rows depend on it (LLaMA: `<|endofchunk|>`
+        32000, `<image>` 32001, then Otter's `<answer>`, then `<PAD>`). A tokenizer object is copied, not modified.
+
+        Args:
+            tokenizer_or_path: a tokenizer, or a name/path for `AutoTokenizer.from_pretrained`.
+            image_processor: defaults to `CLIPImageProcessor()` (224 px, CLIP mean/std), what Otter's inference used.
+            kwargs: passed to `AutoTokenizer.from_pretrained` when `tokenizer_or_path` is a name or path.
+        """
+        if isinstance(tokenizer_or_path, PreTrainedTokenizerBase):
+            tokenizer = copy.deepcopy(tokenizer_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_or_path, **kwargs)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": list(cls.config_class.special_tokens)}, replace_extra_special_tokens=False
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added = [*cls.config_class.special_tokens, tokenizer.pad_token]
+        logger.info(f"Special token ids: {dict(zip(added, tokenizer.convert_tokens_to_ids(added), strict=True))}")
+        return cls(image_processor=image_processor or CLIPImageProcessor(), tokenizer=tokenizer)
+
+    def _check_special_tokens(self) -> None:
+        """Fail early when given a base tokenizer: without the special tokens `<image>` would be split into pieces
+        and silently never reach the model as a media marker."""
+        for token in self.config_class.special_tokens:
+            if self.tokenizer.encode(token, add_special_tokens=False) != [self._token_id(token)]:
+                raise ValueError(
+                    f"The tokenizer does not have the special token {token!r} as a single token. Build the "
+                    f"processor with {type(self).__name__}.from_base_tokenizer(tokenizer), which adds "
+                    f"{self.config_class.special_tokens}."
+                )
+
+    def _configure_tokenizer(self) -> None:
+        # Generation appends to the right end of every row, so prompts of different lengths are padded on the left.
+        # Set here rather than saved: tokenizers only save `padding_side` when it was an init argument.
+        self.tokenizer.padding_side = "left"
+        # transformers 5's LlamaTokenizer rebuilds its pre-tokenizer from `legacy` when loaded but does not save
+        # `legacy`: without this, a saved processor would reload tokenizing differently after special tokens.
+        if hasattr(self.tokenizer, "legacy"):
+            self.tokenizer.init_kwargs["legacy"] = self.tokenizer.legacy
+
+    def _token_id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    @property
+    def media_token_id(self) -> int:
+        """Id of `<image>`, the marker of each image's position in the text."""
+        return self._token_id(MEDIA_TOKEN)
+
+    @property
+    def endofchunk_token_id(self) -> int:
+        """Id of `<|endofchunk|>`, which ends each (image, text) chunk; generation stops on it."""
+        return self._token_id(ENDOFCHUNK_TOKEN)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "vision_x"]
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        return_tensors: str = "pt",
+        **tokenizer_kwargs: Any,
+    ) -> BatchFeature:
+        """Tokenize prompts (left padded) and stack their images into `vision_x`.
+
+        Args:
+            text: a prompt or a list of prompts; each `<image>` marker stands for the next image of its prompt.
+            images: `None`; one image (for a single prompt); a list of images, which is split over the prompts in
+                order of their markers (for a single prompt: its images); or a list with one list of images per
+                prompt. An image is a PIL image, or a numpy array or torch tensor of shape HWC or CHW.
+            return_tensors: tensor type of `input_ids` and `attention_mask`; `vision_x` is always a torch tensor.
+            tokenizer_kwargs: passed to the tokenizer (default `padding=True`; the tokenizer pads on the left).
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` `(B, T)`, and, if any prompt has images, `vision_x`
+            float32 `(B, T_img, 1, 3, H, W)` with `T_img` the most images of any prompt; rows with fewer images are
+            zero-padded at the end.
+        """
+        if text is None:
+            raise ValueError(f"{type(self).__name__} needs `text`: every image is placed by a {MEDIA_TOKEN} marker.")
+        prompts = [text] if isinstance(text, str) else list(text)
+        images_per_prompt = self._images_per_prompt(images, [prompt.count(MEDIA_TOKEN) for prompt in prompts])
+
+        tokenizer_kwargs = {"padding": True, **tokenizer_kwargs}
+        data = dict(self.tokenizer(prompts, return_tensors=return_tensors, **tokenizer_kwargs))
+        if any(images_per_prompt):
+            data["vision_x"] = self._vision_x(images_per_prompt)
+        return BatchFeature(data=data)
+
+    def _images_per_prompt(self, images: Any, marker_counts: list[int]) -> list[list[Any]]:
+        """Normalize `images` to one list per prompt, checking it against the prompts' `<image>` markers."""
+        if images is None:
+            rows = [[] for _ in marker_counts]
+        elif not isinstance(images, (list, tuple)):
+            rows = self._split_by_markers([images], marker_counts)
+        elif images and all(isinstance(row, (list, tuple)) for row in images):
+            if len(images) != len(marker_counts):
+                raise ValueError(f"Got {len(images)} lists of images for {len(marker_counts)} prompts.")
+            rows = [list(row) for row in images]
+        elif any(isinstance(row, (list, tuple)) for row in images):
+            raise ValueError("`images` must be a list of images or a list of lists of images, not a mix of both.")
+        else:
+            rows = self._split_by_markers(list(images), marker_counts)
+
+        for i, (row, count) in enumerate(zip(rows, marker_counts, strict=True)):
+            if len(row) != count:
+                raise ValueError(
+                    f"Prompt {i} has {count} {MEDIA_TOKEN} marker(s) but {len(row)} image(s) were given for it."
+                )
+            for j, image in enumerate(row):
+                _check_image(image, f"image {j} of prompt {i}")
+        return rows
+
+    @staticmethod
+    def _split_by_markers(images: list[Any], marker_counts: list[int]) -> list[list[Any]]:
+        """A flat list of images for a batch: give each prompt as many images as it has markers, in order."""
+        if len(marker_counts) == 1:
+            return [images]
+        if len(images) != sum(marker_counts):
+            raise ValueError(
+                f"The prompts have {sum(marker_counts)} {MEDIA_TOKEN} markers in all ({marker_counts} per prompt) "
+                f"but {len(images)} images were given."
+            )
+        starts = [sum(marker_counts[:i]) for i in range(len(marker_counts))]
+        return [images[start : start + count] for start, count in zip(starts, marker_counts, strict=True)]
+
+    def _vision_x(self, images_per_prompt: list[list[Any]]) -> torch.Tensor:
+        flat = [image for row in images_per_prompt for image in row]
+        pixels = self.image_processor(flat, return_tensors="pt")["pixel_values"].float()
+        vision_x = pixels.new_zeros(len(images_per_prompt), max(map(len, images_per_prompt)), 1, *pixels.shape[1:])
+        start = 0
+        for i, row in enumerate(images_per_prompt):
+            vision_x[i, : len(row), 0] = pixels[start : start + len(row)]
+            start += len(row)
+        return vision_x
+
+    def decode_answers(
+        self, generated_ids: torch.Tensor | Sequence[Sequence[int]], prompt_length: int | None = None
+    ) -> list[str]:
+        """Decode generated continuations into answers.
+
+        Args:
+            generated_ids: `(B, T)` ids (a tensor or nested lists), or a single `(T,)` sequence.
+            prompt_length: if given, the first `prompt_length` ids of each row (the left-padded prompt) are dropped.
+
+        Returns:
+            One string per row: the text before the first `<|endofchunk|>` (where a chunk, hence the answer, ends),
+            without special tokens and surrounding whitespace.
+        """
+        rows = generated_ids.tolist() if hasattr(generated_ids, "tolist") else list(generated_ids)
+        rows = [rows] if rows and isinstance(rows[0], int) else [list(row) for row in rows]
+        return [
+            self.tokenizer.decode(self._answer_ids(row[prompt_length or 0 :]), skip_special_tokens=True).strip()
+            for row in rows
+        ]
+
+    def _answer_ids(self, ids: list[int]) -> list[int]:
+        """The part of a generated row that is the answer: everything before the first `<|endofchunk|>`."""
+        eoc = self.endofchunk_token_id
+        return ids[: ids.index(eoc)] if eoc in ids else ids
+
+
+def _check_image(image: Any, name: str) -> None:
+    """Reject what `CLIPImageProcessor` would fail on with an obscure message, or misread as a batch of images."""
+    if not is_valid_image(image):
+        raise TypeError(f"{name} is a {type(image).__name__}; expected a PIL image, a numpy array or a torch tensor.")
+    if getattr(image, "ndim", 3) != 3:
+        raise ValueError(f"{name} has shape {tuple(image.shape)}; expected a single image, HWC or CHW.")
+
+
+__all__ = ["FlamingoProcessor"]

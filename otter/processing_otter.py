@@ -1,0 +1,69 @@
+"""Processor for Otter: Flamingo's processor plus Otter's `<answer>` token, prompt format and answer extraction.
+
+Otter is instruction-tuned on chunks `<image>User: {question} GPT:<answer> {answer}<|endofchunk|>`. In-context
+examples are earlier chunks (one image each) and an inference prompt ends with `GPT:<answer>`, after which the
+model writes the answer and closes the chunk with `<|endofchunk|>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flamingo.processing_flamingo import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, FlamingoProcessor
+
+from .configuration_otter import OtterConfig
+
+ANSWER_TOKEN = "<answer>"
+
+# Renders the same string as `build_prompt`: a user turn is its images' markers (Otter puts the image first) and
+# "User: {text}"; an assistant turn completes the chunk; the generation prompt opens the answer.
+OTTER_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+    {%- if message['content'] is string -%}
+        {%- set items = [{'type': 'text', 'text': message['content']}] -%}
+    {%- else -%}
+        {%- set items = message['content'] -%}
+    {%- endif -%}
+    {%- set text = items | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}
+    {%- if message['role'] == 'user' -%}
+        {{- '<image>' * (items | selectattr('type', 'equalto', 'image') | list | length) + 'User: ' + text -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- ' GPT:<answer> ' + text + '<|endofchunk|>' -}}
+    {%- else -%}
+        {{- raise_exception('Otter conversations have only user and assistant turns, got ' + message['role']) -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- ' GPT:<answer>' -}}
+{%- endif -%}
+"""
+
+
+def build_prompt(question: str, examples: Sequence[tuple[str, str]] = ()) -> str:
+    """Otter's inference prompt: one chunk per in-context `(question, answer)` example, then the query chunk open at
+    `GPT:<answer>`. Every chunk takes one image, so the prompt needs `len(examples) + 1` images, query's last."""
+    shots = "".join(f"{MEDIA_TOKEN}User: {q} GPT:{ANSWER_TOKEN} {a}{ENDOFCHUNK_TOKEN}" for q, a in examples)
+    return f"{shots}{MEDIA_TOKEN}User: {question} GPT:{ANSWER_TOKEN}"
+
+
+class OtterProcessor(FlamingoProcessor):
+    """[`FlamingoProcessor`] with `<answer>` appended after Flamingo's special tokens, Otter's chat template, and
+    `decode_answers` that returns the text after the last `<answer>` (so full sequences, prompt included, work)."""
+
+    config_class = OtterConfig
+    default_chat_template = OTTER_CHAT_TEMPLATE
+
+    @property
+    def answer_token_id(self) -> int:
+        """Id of `<answer>`, which separates a question from its answer in every chunk."""
+        return self._token_id(ANSWER_TOKEN)
+
+    def _answer_ids(self, ids: list[int]) -> list[int]:
+        """Otter's post-processing, `decoded.split("<answer>")[-1].split("<|endofchunk|>")[0]`, on ids."""
+        answer = self.answer_token_id
+        if answer in ids:
+            ids = ids[len(ids) - ids[::-1].index(answer) :]
+        return super()._answer_ids(ids)
+
+
+__all__ = ["OTTER_CHAT_TEMPLATE", "OtterProcessor", "build_prompt"]
