@@ -293,6 +293,13 @@ def register_published_layout(model_type: str) -> None:
     register_checkpoint_conversion_mapping(model_type, [renaming], overwrite=True)
 
 
+def _train_only_rows(weight: nn.Parameter, rows: list[int]) -> torch.utils.hooks.RemovableHandle:
+    weight.requires_grad_(True)
+    keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+    keep[rows] = True
+    return weight.register_hook(lambda grad: grad * keep.to(grad.device))
+
+
 def _check_vision_x(vision_x: torch.Tensor) -> None:
     if vision_x.ndim != 6:
         raise ValueError(f"vision_x must be (batch, images, frames, channels, height, width); got shape {tuple(vision_x.shape)}")
@@ -339,6 +346,7 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         self.perceiver = PerceiverResampler(config)
         self.lang_encoder = AutoModelForCausalLM.from_config(config.text_config)
         self.decoder_layers_path = splice_cross_attention(self.lang_encoder, config)
+        self._row_gradient_masks: list[torch.utils.hooks.RemovableHandle] = []
         self.post_init()
         self.generation_config.eos_token_id = config.endofchunk_token_id
 
@@ -357,6 +365,28 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.lang_encoder.get_submodule(self.decoder_layers_path)
+
+    # ---- training ----------------------------------------------------------------------------------
+    def set_trainable(self, *, vision_encoder: bool = False, language_model: bool = False, new_token_rows: bool = True) -> None:
+        """Choose what trains. The default is Otter's recipe: the perceiver and the gated cross-attention
+        blocks train; the vision encoder and the language model stay frozen, except the input (and untied
+        output) embedding rows of the added tokens (`<image>`, `<|endofchunk|>`, Otter's `<answer>`), whose
+        other rows get zero gradient. Keep those embeddings out of weight decay, or the frozen rows decay."""
+        for handle in self._row_gradient_masks:
+            handle.remove()
+        self._row_gradient_masks = []
+        self.requires_grad_(False)
+        self.perceiver.requires_grad_(True)
+        for layer in self.decoder_layers:
+            if layer.gated_cross_attn_layer is not None:
+                layer.gated_cross_attn_layer.requires_grad_(True)
+        self.vision_encoder.requires_grad_(vision_encoder)
+        if language_model:
+            self.lang_encoder.requires_grad_(True)
+        elif new_token_rows:
+            rows = sorted({getattr(self.config, field) for field in self.config.token_id_fields})
+            for embedding in {self.get_input_embeddings(), self.get_output_embeddings()} - {None}:
+                self._row_gradient_masks.append(_train_only_rows(embedding.weight, rows))
 
     # ---- images ------------------------------------------------------------------------------------
     def encode_images(self, vision_x: torch.Tensor) -> MediaCache:

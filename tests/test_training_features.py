@@ -1,0 +1,54 @@
+"""Trainable-set helper and gradient checkpointing."""
+
+import torch
+
+from tiny_models import EOC, IMAGE, batch, tiny_model
+
+
+def loss_and_grads(model):
+    input_ids, attention_mask, vision_x = batch()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=input_ids, vision_x=vision_x, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_set_trainable_follows_otters_recipe():
+    model = tiny_model().train()
+    model.set_trainable()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("perceiver.", "lang_encoder.model.embed_tokens", "lang_encoder.lm_head")) or ".gated_cross_attn_layer." in n for n in trainable)
+    assert any(n.startswith("perceiver.") for n in trainable) and any(".gated_cross_attn_layer." in n for n in trainable)
+    assert not any(n.startswith("vision_encoder.") or ".decoder_layer." in n for n in trainable)
+    _, grads = loss_and_grads(model)
+    for name in ("lang_encoder.model.embed_tokens.weight", "lang_encoder.lm_head.weight"):
+        rows_with_gradient = grads[name].abs().sum(-1).nonzero().flatten().tolist()
+        assert rows_with_gradient and set(rows_with_gradient) <= {EOC, IMAGE}
+    model.set_trainable(language_model=True, vision_encoder=True)
+    assert all(p.requires_grad for p in model.parameters())
+    _, grads = loss_and_grads(model)
+    assert grads["lang_encoder.lm_head.weight"].abs().sum(-1).nonzero().numel() > 2  # row masks are gone
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
+    model = tiny_model().train()
+    model.set_trainable(language_model=True)
+    loss, grads = loss_and_grads(model)
+
+    calls = {"decoder": 0, "xattn": 0}
+    layer = model.decoder_layers[1]
+    # Hooks on children: a checkpointed layer's own hooks stay outside the checkpoint.
+    layer.decoder_layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    layer.gated_cross_attn_layer.feed_forward.register_forward_pre_hook(lambda *_: calls.__setitem__("xattn", calls["xattn"] + 1))
+    loss_and_grads(model)
+    assert calls == {"decoder": 1, "xattn": 1}
+
+    model.gradient_checkpointing_enable()
+    calls.update(decoder=0, xattn=0)
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model)
+    assert calls == {"decoder": 2, "xattn": 2}  # forward, then again during backward
+    assert torch.equal(loss, checkpointed_loss)
+    assert grads.keys() == checkpointed_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], checkpointed_grads[name], atol=1e-6, rtol=1e-5, msg=name)
