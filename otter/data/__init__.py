@@ -1,0 +1,1 @@
+"""Data for Otter: synthetic images, instruction datasets and prompt building."""
