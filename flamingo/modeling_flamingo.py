@@ -120,6 +120,7 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, F, v, D_v) patch features of N images (F frames each) -> (N, n_latents, D_v)."""
+        features = features.to(self.latents.dtype)  # the vision tower may run in another dtype (e.g. bf16 vs fp32)
         num_frames = features.shape[1]
         if self.frame_embs is not None:
             if num_frames > self.frame_embs.shape[0]:
@@ -204,7 +205,8 @@ class MaskedCrossAttention(nn.Module):
         """(B, H, T_img·n, d) keys and values of the images, projected once per call when possible."""
         if self.layer_idx in media.keys_values:
             return media.keys_values[self.layer_idx]
-        latents = rearrange(media.latents.to(device), "b t n d -> b (t n) d")
+        # In this block's dtype (its LayerNorm's: never quantized), which may differ from the perceiver's.
+        latents = rearrange(media.latents.to(device=device, dtype=self.norm.weight.dtype), "b t n d -> b (t n) d")
         key, value = self.to_kv(latents).chunk(2, dim=-1)
         key, value = (rearrange(x, "b t (h d) -> b h t d", h=self.heads) for x in (key, value))
         if not torch.is_grad_enabled():
@@ -232,9 +234,14 @@ class GatedCrossAttentionBlock(GradientCheckpointingLayer):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden_states: torch.Tensor, context: MediaContext) -> torch.Tensor:
+        # Computed in the block's own dtype, returned in the residual stream's: the block may be kept in fp32 in a
+        # bf16/fp16 language model (training the blocks on a frozen LM; `_keep_in_fp32_modules` under fp16).
+        stream_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(self.attn_gate.dtype)
         if context.media is not None:  # text-only input: the attention output is zero, the FF still runs
             hidden_states = self.attn(hidden_states, context) * self.attn_gate.tanh() + hidden_states
-        return self.feed_forward(hidden_states) * self.ff_gate.tanh() + hidden_states
+        hidden_states = self.feed_forward(hidden_states) * self.ff_gate.tanh() + hidden_states
+        return hidden_states.to(stream_dtype)
 
 
 class FlamingoLayer(nn.Module):
@@ -319,6 +326,12 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlamingoLayer", "PerceiverBlock"]
+    # Not quantized by default: transformers' quantizers (bnb 8/4-bit, torchao, quanto, ...) add this list to their
+    # skip list, so `BitsAndBytesConfig(load_in_8bit=True)` alone converts only the language model's decoder layers
+    # (its lm_head is kept by transformers' own default). These are the frozen vision tower and the parts Otter and
+    # OpenFlamingo train. Patterns match from the start of a module or parameter name. Side effect: a load with
+    # dtype=torch.float16 keeps these modules in fp32 (bf16 loads are unaffected).
+    _keep_in_fp32_modules = ["vision_encoder", "perceiver", r".*\.gated_cross_attn_layer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     # Buffers that older transformers saved (LLaMA's rotary `inv_freq`, CLIP's `position_ids`), and the
@@ -381,6 +394,7 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
             if layer.gated_cross_attn_layer is not None:
                 layer.gated_cross_attn_layer.requires_grad_(True)
         self.vision_encoder.requires_grad_(vision_encoder)
+        self.vision_encoder.post_layernorm.requires_grad_(False)  # only pools CLS, which the features omit
         if language_model:
             self.lang_encoder.requires_grad_(True)
         elif new_token_rows:
