@@ -1,0 +1,170 @@
+"""MIMIC-IT instruction datasets (Otter's format from June 2023): instructions JSON, images JSON/parquet, train config.
+
+    instructions: {"meta": {...}, "data": {INS_ID: {"instruction", "answer", "image_ids": [IMG_ID], "rel_ins_ids": [...]}}}
+    images:       {IMG_ID: base64}  (or parquet: index = IMG_ID, column "base64")
+    train config: {INS_ID: [in-context INS_IDs]}  (optional)
+
+As in Otter, the train config's keys are the queries (without it, every instruction is) and its lists are each
+query's in-context examples (without it, the instruction's `rel_ins_ids`). Every chunk has exactly one image, so
+multi-image instructions (video frames, spot-the-difference pairs) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .samples import EncodedImage, InstructionDataset, InstructionSample
+
+PathLike = str | os.PathLike
+
+
+def mimicit_paths(folder: PathLike) -> dict[str, Path]:
+    """The files of one MIMIC-IT dataset written by `write_mimicit`, keyed by `MimicItDataset`'s argument names."""
+    folder = Path(folder)
+    return {
+        "instructions_path": folder / "instructions.json",
+        "images_path": folder / "images.json",
+        "train_config_path": folder / "train_config.json",
+    }
+
+
+def write_mimicit(
+    folder: PathLike, rows: dict[str, dict], images: dict[str, str], train_config: dict[str, list[str]], meta: dict
+) -> dict[str, Path]:
+    """Write a dataset's three files into `folder`, one instruction, image or list per line, so that the files stay
+    compact yet diff line by line; returns `mimicit_paths(folder)`."""
+    paths = mimicit_paths(folder)
+    paths["instructions_path"].parent.mkdir(parents=True, exist_ok=True)
+    instructions = f'{{"meta": {json.dumps(meta)},\n"data": {_json_lines(rows)}}}\n'
+    paths["instructions_path"].write_text(instructions, encoding="utf-8")
+    paths["images_path"].write_text(_json_lines(images) + "\n", encoding="utf-8")
+    paths["train_config_path"].write_text(_json_lines(train_config) + "\n", encoding="utf-8")
+    return paths
+
+
+def _json_lines(mapping: dict[str, Any]) -> str:
+    """A JSON object with one key per line."""
+    return "{\n" + ",\n".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in mapping.items()) + "\n}"
+
+
+def read_json(path: PathLike) -> Any:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def read_images(path: PathLike) -> dict[str, str]:
+    """Image id -> base64 text, from a JSON object or (with pandas and pyarrow installed) a parquet file/folder."""
+    path = Path(path)
+    if path.suffix == ".parquet" or path.is_dir():
+        try:
+            import pandas
+        except ImportError as error:
+            raise ImportError(
+                f"{path} is parquet, which needs pandas and pyarrow (pip install pandas pyarrow); "
+                "or convert the images to a JSON object {id: base64}"
+            ) from error
+        frame = pandas.read_parquet(path, columns=["base64"])
+        return {str(key): value for key, value in frame["base64"].items()}
+    images = read_json(path)
+    if not isinstance(images, dict):
+        raise ValueError(f"{path}: expected a JSON object {{image_id: base64}}, got {type(images).__name__}")
+    return images
+
+
+def row_problem(row: Any, images: dict[str, str]) -> str | None:
+    """Why an instruction row cannot be a chunk (the bad-row reason), or None if it can."""
+    if not isinstance(row, dict):
+        return "unknown_instruction_id" if row is None else "malformed_row"
+    if not str(row.get("instruction", "")).strip():
+        return "empty_instruction"
+    if not str(row.get("answer", "")).strip():
+        return "empty_answer"
+    image_ids = row.get("image_ids") or []
+    if not image_ids:
+        return "no_image"
+    if len(image_ids) > 1:
+        return "multiple_images"
+    if image_ids[0] not in images:
+        return "missing_image"
+    return None
+
+
+class MimicItDataset(InstructionDataset):
+    """One sample per query instruction: its in-context examples' chunks, then its own.
+
+    Args:
+        instructions_path: the instructions JSON.
+        images_path: the images JSON `{id: base64}` or parquet.
+        train_config_path: optional JSON `{query id: [in-context ids]}`.
+        max_examples: keep only the first this many usable queries.
+        num_in_context: at most this many in-context examples per query, a seeded random subset kept in order
+            (None: all of them; 0: zero-shot).
+        seed: seeds that choice, per query, so it does not depend on the order or number of queries.
+    """
+
+    def __init__(
+        self,
+        instructions_path: PathLike,
+        images_path: PathLike,
+        train_config_path: PathLike | None = None,
+        *,
+        max_examples: int | None = None,
+        num_in_context: int | None = None,
+        seed: int = 0,
+    ):
+        instructions = read_json(instructions_path)
+        if not isinstance(instructions, dict) or not isinstance(instructions.get("data"), dict):
+            raise ValueError(f"{instructions_path}: expected a JSON object with a 'data' object of instructions")
+        self._rows: dict[str, dict] = instructions["data"]
+        self._images = read_images(images_path)
+        self._train_config: dict[str, list[str]] | None = read_json(train_config_path) if train_config_path else None
+        self._num_in_context = num_in_context
+        self._seed = seed
+
+        bad_rows: Counter[str] = Counter()
+        samples: list[InstructionSample] = []
+        for query_id in self._train_config if self._train_config is not None else self._rows:
+            if max_examples is not None and len(samples) >= max_examples:
+                break
+            problem = row_problem(self._rows.get(query_id), self._images)
+            if problem:
+                bad_rows[problem] += 1
+                continue
+            samples.append(self._sample(query_id, bad_rows))
+        super().__init__(f"MIMIC-IT {Path(instructions_path).name}", samples, bad_rows)
+
+    def _sample(self, query_id: str, bad_rows: Counter[str]) -> InstructionSample:
+        """The query with its usable in-context examples; dropped examples are counted as `in_context_<reason>`."""
+        examples = []
+        for example_id in self._in_context_ids(query_id):
+            problem = (
+                "self_reference" if example_id == query_id else row_problem(self._rows.get(example_id), self._images)
+            )
+            if problem:
+                bad_rows[f"in_context_{problem}"] += 1
+            else:
+                examples.append(example_id)
+        examples = self._choose(query_id, examples)
+        rows = [self._rows[ins_id] for ins_id in [*examples, query_id]]
+        return InstructionSample(
+            sample_id=query_id,
+            chunks=[(str(row["instruction"]).strip(), str(row["answer"]).strip()) for row in rows],
+            images=[EncodedImage(self._images[row["image_ids"][0]]) for row in rows],
+        )
+
+    def _in_context_ids(self, query_id: str) -> list[str]:
+        if self._train_config is not None:
+            return list(self._train_config[query_id])
+        return list(self._rows[query_id].get("rel_ins_ids") or [])
+
+    def _choose(self, query_id: str, examples: list[str]) -> list[str]:
+        if self._num_in_context is None or len(examples) <= self._num_in_context:
+            return examples
+        # A string seed is hashed with SHA-512, so the choice is the same in every process and run.
+        keep = random.Random(f"{self._seed}:{query_id}").sample(range(len(examples)), self._num_in_context)
+        return [examples[i] for i in sorted(keep)]

@@ -1,0 +1,234 @@
+"""`otter-prepare-data`: convert instruction data to MIMIC-IT files, validate them and print statistics.
+
+    otter-prepare-data tsv vqa.tsv out/vqa                          # OFA-style multi_instruct TSV
+    otter-prepare-data folder photos/ instructions.jsonl out/mine   # a folder of images + a JSONL of instructions
+    otter-prepare-data validate out/mine                            # check existing MIMIC-IT files
+    otter-prepare-data toy data/toy                                 # (re)build the bundled toy dataset
+
+Every command writes (or reads) `instructions.json`, `images.json` and `train_config.json` in the output folder, then
+loads them with `MimicItDataset`, decodes every image and prints: usable rows, bad rows by reason, distinct images,
+mean in-context examples per query, and answer length. A JSONL line is
+`{"image": "file.jpg", "instruction": ..., "answer": ..., "id": optional, "in_context": [optional ids]}`; a line
+without an "id" has its line number (1-based) as id, which is what "in_context" refers to.
+Rows that cannot be used are left out of the output and counted; converted images keep their original file bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import statistics
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .mimicit import MimicItDataset, mimicit_paths, write_mimicit
+from .multi_instruct import MultiInstructDataset
+from .samples import BadImageError, BadRowError, EncodedImage, decode_image, describe_counts
+from .toy import make_toy_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Record:
+    """One converted instruction with its image file's bytes."""
+
+    ins_id: str
+    instruction: str
+    answer: str
+    image_id: str
+    image: bytes
+    in_context: list[str] = field(default_factory=list)
+
+
+def convert(records: Iterator[Record], out_dir: Path, meta: dict, bad_rows: Counter[str]) -> dict[str, Path]:
+    """Write `records` as MIMIC-IT files, leaving out (and counting) repeated ids and images PIL cannot read, and
+    in-context references to ids that are not in the output."""
+    rows, images, in_context = {}, {}, {}
+    for record in records:
+        if record.ins_id in rows:
+            bad_rows["duplicate_id"] += 1
+            continue
+        try:
+            decode_image(record.image)
+        except BadImageError as error:
+            bad_rows[error.reason] += 1
+            continue
+        images[record.image_id] = base64.b64encode(record.image).decode("ascii")
+        rows[record.ins_id] = {
+            "instruction": record.instruction,
+            "answer": record.answer,
+            "image_ids": [record.image_id],
+        }
+        in_context[record.ins_id] = record.in_context
+    for ins_id, examples in in_context.items():
+        known = [example for example in examples if example in rows and example != ins_id]
+        bad_rows["in_context_unknown_id"] += len(examples) - len(known)
+        in_context[ins_id] = rows[ins_id]["rel_ins_ids"] = known
+    return write_mimicit(out_dir, rows, images, in_context, meta)
+
+
+def tsv_records(tsv_path: Path, bad_rows: Counter[str]) -> Iterator[Record]:
+    """The usable rows of an OFA-style TSV (its reader's bad rows are added to `bad_rows`)."""
+    dataset = MultiInstructDataset(tsv_path)
+    bad_rows.update(dataset.bad_rows)
+    for sample in dataset:
+        (question, answer), (image,) = sample.chunks[0], sample.images
+        try:
+            raw = image.raw()
+        except BadImageError as error:
+            bad_rows[error.reason] += 1
+            continue
+        yield Record(sample.sample_id, question, answer, f"IMG_{sample.sample_id}", raw)
+
+
+def folder_records(images_dir: Path, jsonl_path: Path, bad_rows: Counter[str]) -> Iterator[Record]:
+    """The usable lines of a JSONL of instructions about images in `images_dir`."""
+    with open(jsonl_path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield _folder_record(images_dir, json.loads(line), number)
+            except json.JSONDecodeError:
+                bad_rows["malformed_row"] += 1
+            except BadRowError as error:
+                bad_rows[error.reason] += 1
+
+
+def _folder_record(images_dir: Path, row: dict, number: int) -> Record:
+    if not isinstance(row, dict):
+        raise BadRowError("malformed_row", f"line {number} is not a JSON object")
+    instruction, answer = str(row.get("instruction") or "").strip(), str(row.get("answer") or "").strip()
+    if not instruction:
+        raise BadRowError("empty_instruction", f"line {number} has no instruction")
+    if not answer:
+        raise BadRowError("empty_answer", f"line {number} has no answer")
+    image_path = images_dir / str(row.get("image") or "")
+    if not row.get("image") or not image_path.is_file():
+        raise BadRowError("missing_image", f"line {number}: no image file {image_path}")
+    in_context = [str(example) for example in row.get("in_context") or []]
+    ins_id = str(row.get("id", number))
+    return Record(ins_id, instruction, answer, Path(row["image"]).as_posix(), image_path.read_bytes(), in_context)
+
+
+@dataclass
+class Statistics:
+    """What `validate` found in a MIMIC-IT dataset."""
+
+    rows: int
+    bad_rows: Counter[str]
+    images: int
+    mean_in_context: float
+    mean_answer_words: float
+    max_answer_words: int
+
+    def report(self) -> str:
+        bad = f"{self.bad_rows.total()}" + (f" ({describe_counts(self.bad_rows)})" if self.bad_rows else "")
+        return "\n".join(
+            [
+                f"usable rows:       {self.rows}",
+                f"bad rows:          {bad}",
+                f"distinct images:   {self.images}",
+                f"in-context / query: {self.mean_in_context:.2f} (mean)",
+                f"answer words:      {self.mean_answer_words:.2f} mean, {self.max_answer_words} max",
+            ]
+        )
+
+
+def validate(paths: dict[str, Path], bad_rows: Counter[str] | None = None) -> Statistics:
+    """Load a MIMIC-IT dataset, decode every distinct image once, and count what cannot be used (added to the
+    conversion's `bad_rows`, if given). Samples with an unreadable image are not counted as usable."""
+    dataset = MimicItDataset(**paths)
+    bad_rows = Counter(bad_rows) + dataset.bad_rows
+    failures: dict[EncodedImage, str | None] = {}
+    usable = []
+    for sample in dataset:
+        problems = [_decode_problem(image, failures) for image in sample.images]
+        problem = next((p for p in problems if p), None)
+        if problem:
+            bad_rows[problem] += 1
+        else:
+            usable.append(sample)
+    answer_words = [len(sample.answer.split()) for sample in usable] or [0]
+    return Statistics(
+        rows=len(usable),
+        bad_rows=bad_rows,
+        images=len(failures),
+        mean_in_context=statistics.fmean(len(sample.examples) for sample in usable) if usable else 0.0,
+        mean_answer_words=statistics.fmean(answer_words),
+        max_answer_words=max(answer_words),
+    )
+
+
+def _decode_problem(image: EncodedImage, failures: dict[EncodedImage, str | None]) -> str | None:
+    if image not in failures:
+        try:
+            image()
+            failures[image] = None
+        except BadImageError as error:
+            failures[image] = error.reason
+    return failures[image]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="otter-prepare-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    tsv = commands.add_parser("tsv", help="convert an OFA-style multi_instruct TSV")
+    tsv.add_argument("tsv", type=Path, help="the TSV file (8 columns, urlsafe base64 images)")
+    tsv.add_argument("out", type=Path, help="folder to write the MIMIC-IT files into")
+    folder = commands.add_parser("folder", help="convert a folder of images and a JSONL of instructions")
+    folder.add_argument("images", type=Path, help="folder the JSONL's image paths are relative to")
+    folder.add_argument("jsonl", type=Path, help="one instruction per line")
+    folder.add_argument("out", type=Path, help="folder to write the MIMIC-IT files into")
+    check = commands.add_parser("validate", help="validate MIMIC-IT files written by this tool")
+    check.add_argument("folder", type=Path, help="folder with instructions.json, images.json, train_config.json")
+    toy = commands.add_parser("toy", help="build the toy dataset (train and heldout splits)")
+    toy.add_argument("out", type=Path, help="folder to write the splits into (the bundled copy: data/toy)")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--num-train", type=int, default=3000)
+    toy.add_argument("--num-heldout", type=int, default=200)
+    toy.add_argument("--image-size", type=int, default=32)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        _run(args)
+    except (OSError, ValueError) as error:  # unreadable input, or no usable rows: a message, not a traceback
+        raise SystemExit(f"otter-prepare-data: error: {error}") from error
+
+
+def _run(args: argparse.Namespace) -> None:
+    bad_rows: Counter[str] = Counter()
+    if args.command == "tsv":
+        folders = [_write(tsv_records(args.tsv, bad_rows), args.out, args.tsv, bad_rows)]
+    elif args.command == "folder":
+        folders = [_write(folder_records(args.images, args.jsonl, bad_rows), args.out, args.jsonl, bad_rows)]
+    elif args.command == "toy":
+        make_toy_dataset(
+            args.out, seed=args.seed, num_train=args.num_train, num_heldout=args.num_heldout, image_size=args.image_size
+        )
+        folders = [args.out / "train", args.out / "heldout"]
+    else:
+        folders = [args.folder]
+    for folder in folders:
+        print(f"{folder}:\n{validate(mimicit_paths(folder), bad_rows).report()}")
+
+
+def _write(records: Iterator[Record], out: Path, source: Path, bad_rows: Counter[str]) -> Path:
+    convert(records, out, {"source": os.fspath(source), "converted_by": "otter-prepare-data"}, bad_rows)
+    return out
+
+
+if __name__ == "__main__":
+    main()

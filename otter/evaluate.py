@@ -1,0 +1,40 @@
+"""Scoring Otter's generated answers against references."""
+
+import string
+
+import torch
+from PIL import Image
+
+from otter.data.samples import InstructionSample
+from otter.modeling_otter import OtterModel
+from otter.processing_otter import OtterProcessor, build_prompt
+
+
+def normalize_answer(text: str) -> str:
+    """Case, surrounding whitespace and punctuation do not make an answer wrong."""
+    return text.strip().lower().strip(string.punctuation + " ")
+
+
+@torch.no_grad()
+def generate_answers(model: OtterModel, processor: OtterProcessor, samples: list[InstructionSample], *,
+                     blank_images: bool = False, batch_size: int = 32, max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers to each sample's last chunk, with its earlier chunks as in-context examples. With
+    `blank_images`, every image is replaced by a grey one: what the model can do without seeing."""
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        prompts = [build_prompt(s.chunks[-1][0], s.chunks[:-1]) for s in batch]
+        images = [s.load_images() for s in batch]
+        if blank_images:
+            images = [[Image.new("RGB", image.size, (128, 128, 128)) for image in row] for row in images]
+        inputs = processor(text=prompts, images=images).to(model.device)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   pad_token_id=processor.pad_token_id)
+        answers += processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
+    return answers
+
+
+def answer_accuracy(model: OtterModel, processor: OtterProcessor, samples: list[InstructionSample], **kwargs) -> float:
+    """Fraction of samples whose generated answer equals the reference answer after `normalize_answer`."""
+    answers = generate_answers(model, processor, samples, **kwargs)
+    return sum(normalize_answer(a) == normalize_answer(s.chunks[-1][1]) for a, s in zip(answers, samples)) / len(samples)
