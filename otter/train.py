@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import is_tensorboard_available, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="otter: perceiver + cross-attention + new token rows; all: everything; lora: otter + LoRA on the LM; "
         "auto: all for a model built from scratch, otter otherwise")
     add("--train-vision-encoder", action="store_true")
-    add("--epochs", type=float, default=3.0)
+    add("--epochs", type=float, default=8.0)
     add("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     add("--batch-size", type=int, default=16, help="per process")
     add("--grad-accum", type=int, default=1)
@@ -89,6 +89,8 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[OtterModel, Otte
 def configure_trainable(model: OtterModel, args: argparse.Namespace, from_scratch: bool) -> str:
     """Freezing a randomly initialised LM makes no sense, hence `auto`."""
     choice = args.trainable if args.trainable != "auto" else ("all" if from_scratch else "otter")
+    if from_scratch:
+        open_gates(model)
     model.set_trainable(language_model=choice == "all", vision_encoder=choice == "all" or args.train_vision_encoder)
     if choice == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -96,6 +98,16 @@ def configure_trainable(model: OtterModel, args: argparse.Namespace, from_scratc
         targets = r".*\.decoder_layer\..*\.(q_proj|v_proj|query_key_value|Wqkv)$"
         inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets), model.lang_encoder)
     return choice
+
+
+def open_gates(model: OtterModel, value: float = 0.5) -> None:
+    """Gates start at 0 so that a new block leaves a pretrained LM unchanged; a model trained from scratch has
+    nothing to preserve, and closed gates let it fit the answers' prior long before it looks at the images."""
+    with torch.no_grad():
+        for layer in model.decoder_layers:
+            if layer.gated_cross_attn_layer is not None:
+                layer.gated_cross_attn_layer.attn_gate.fill_(value)
+                layer.gated_cross_attn_layer.ff_gate.fill_(value)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -195,7 +207,7 @@ def train(args: argparse.Namespace) -> dict:
     accelerator = make_accelerator(
         gradient_accumulation_steps=args.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with="tensorboard",
+        log_with="tensorboard" if is_tensorboard_available() else None,  # pip install '.[train]'
         project_dir=str(args.output_dir),
     )
     set_seed(args.seed)
@@ -227,7 +239,7 @@ def train(args: argparse.Namespace) -> dict:
 
     log = StepLog(args.output_dir / "log.jsonl", accelerator.is_main_process, resume_step=step)
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train", mininterval=2.0)
     model.train()
     while step < total_steps and not stop.requested:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
