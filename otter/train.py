@@ -91,12 +91,15 @@ def configure_trainable(model: OtterModel, args: argparse.Namespace, from_scratc
     choice = args.trainable if args.trainable != "auto" else ("all" if from_scratch else "otter")
     if from_scratch:
         open_gates(model)
-    model.set_trainable(language_model=choice == "all", vision_encoder=choice == "all" or args.train_vision_encoder)
-    if choice == "lora":
+    if choice == "lora":  # before set_trainable: peft freezes everything around the adapters it adds
         from peft import LoraConfig, inject_adapter_in_model
 
         targets = r".*\.decoder_layer\..*\.(q_proj|v_proj|query_key_value|Wqkv)$"
         inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets), model.lang_encoder)
+    model.set_trainable(language_model=choice == "all", vision_encoder=choice == "all" or args.train_vision_encoder)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.requires_grad_(True)
     return choice
 
 

@@ -33,6 +33,21 @@ def accelerate_launch(config: str) -> list[str]:
             "--num_processes", "2", "--main_process_port", "0", "--mixed_precision", "no", "-m"]
 
 
+@pytest.mark.parametrize("trainable", ["otter", "lora", "all"])
+def test_trainable_sets(trainable):
+    from argparse import Namespace
+
+    from otter.train import configure_trainable
+    from tiny_models import tiny_model
+
+    model = tiny_model()
+    configure_trainable(model, Namespace(trainable=trainable, train_vision_encoder=False), from_scratch=False)
+    trained = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert any(".gated_cross_attn_layer." in n for n in trained) and any(n.startswith("perceiver.") for n in trained)
+    assert any("lora_" in n for n in trained) == (trainable == "lora")
+    assert any(n.endswith("self_attn.q_proj.weight") for n in trained) == (trainable == "all")
+
+
 def test_short_run_writes_everything(tmp_path):
     result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2")
     assert result.returncode == 0, result.stderr[-3000:]
