@@ -1,0 +1,133 @@
+"""`otter-chat`: talk to Otter about images in the terminal; the same conversation as `otter-demo`.
+
+    otter-chat --image cat.jpg                              # the first question is about cat.jpg
+    otter-chat --image a.jpg --image b.jpg --example shot.jpg "What is it?" "A dog." --num-beams 1
+
+Without `--image`, the first question is about a drawn yellow triangle (as in `otter-generate`). In the prompt loop,
+`/image PATH` attaches an image to the next question, `/clear` starts over, `/quit` or Ctrl-D ends; Ctrl-C stops an
+answer (keeping what was written). Follow-up questions without an image are about the last image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image
+
+from otter.conversation import (
+    ChatModel,
+    Conversation,
+    Example,
+    GenerationError,
+    GenerationSettings,
+    InputError,
+    add_generation_arguments,
+    add_model_arguments,
+    load_chat_model_from_args,
+    load_image,
+)
+from otter.data.shapes import draw_shape
+
+HELP = "/image PATH attaches an image to the next question, /clear starts over, /quit ends; Ctrl-C stops an answer."
+
+
+def print_streamed(texts: Iterable[str]) -> str:
+    """Print each new part of a growing answer as it comes; returns the final answer. The final text is
+    post-processed and may not extend what was printed (e.g. text before a generated `<answer>`): then it is
+    printed again in full."""
+    shown = ""
+    for text in texts:
+        if text.startswith(shown):
+            print(text[len(shown) :], end="", flush=True)
+        else:
+            print(f"\n(final) {text}", end="", flush=True)
+        shown = text
+    print()
+    return shown
+
+
+def reply(chat: ChatModel, conversation: Conversation, settings: GenerationSettings) -> Conversation:
+    """Answer the pending question, printing it as it streams; Ctrl-C stops the generation, not the program.
+    On a model failure the question is dropped from the conversation."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("otter> ", end="", flush=True)
+    try:
+        return conversation.answer(print_streamed(chat.stream(conversation, settings, stop)))
+    except (InputError, GenerationError) as error:
+        print(f"\n{error}")
+        return conversation.retract()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def chat_loop(chat: ChatModel, conversation: Conversation, images: list[Image.Image],
+              settings: GenerationSettings) -> None:
+    """Read questions and commands until /quit or end of input; `images` go with the first question."""
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/clear":
+            conversation, images = Conversation(examples=conversation.examples), []
+            print("(new conversation; attach an image with /image PATH)")
+        elif line.startswith("/image"):
+            try:
+                images.append(load_image(line.removeprefix("/image").strip()))
+                print(f"({len(images)} image(s) for the next question)")
+            except InputError as error:
+                print(error)
+        elif line.startswith("/"):
+            print(HELP)
+        elif line:
+            try:
+                conversation = conversation.ask(line, images)
+            except InputError as error:
+                print(error)
+                continue
+            images = []
+            conversation = reply(chat, conversation, settings)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="an image for the first question (repeat for several)")
+    parser.add_argument("--example", nargs=3, action="append", default=[], metavar=("IMAGE", "QUESTION", "ANSWER"),
+                        help="an in-context example put before the conversation (repeat for several)")
+    add_generation_arguments(parser.add_argument_group("generation"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        examples = [Example.create(load_image(image), question, answer, f"--example {number}")
+                    for number, (image, question, answer) in enumerate(args.example, 1)]
+        images = [load_image(path) for path in args.image]
+    except InputError as error:
+        sys.exit(str(error))
+    chat = load_chat_model_from_args(args)
+    if not images:
+        images = [draw_shape("triangle", "yellow", chat.image_size)]
+        print("(no --image: the first question is about a drawn yellow triangle)")
+    if not chat.trained:
+        print(f"(untrained model: {chat.name} holds only a config, so the answers are noise)")
+    print(f"Otter ({chat.name}), {len(examples)} in-context example(s). {HELP}")
+    chat_loop(chat, Conversation(examples=tuple(examples)), images, GenerationSettings.from_args(args, chat.trained))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""A conversation with Otter about images, independent of any front-end: `otter-demo` (web) and `otter-chat`
+(terminal) both use it.
+
+The prompt is Otter's chunk format, rendered by the processor's chat template:
+
+    <image>User: {example question} GPT:<answer> {example answer}<|endofchunk|>     one chunk per in-context example
+    <image>User: {question 1} GPT:<answer> {answer 1}<|endofchunk|>                  earlier turns, completed chunks
+    User: {follow-up} GPT:<answer> {answer 2}<|endofchunk|>                          a turn without a new image
+    <image><image>User: {question 3} GPT:<answer>                                    the question being answered
+
+Every attached image becomes one `<image>` marker at the start of its turn, so the prompt always holds exactly as
+many markers as images (the model refuses anything else). A follow-up question without a new image adds no
+marker: its text attends to the latest image before it, i.e. it is about the last image shown, as in Otter's own
+demo. With several images in one turn, the question attends to the last of them (Flamingo's cross-attention sees
+one image per token); the earlier ones reach it only through self-attention to their own `<image>` tokens.
+
+Generation runs `model.generate` in a thread and streams decoded text from a `TextIteratorStreamer`; a
+`threading.Event` stops it at the next token, and a lock keeps one generation at a time per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature, BitsAndBytesConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from otter import OtterConfig, OtterModel, OtterProcessor
+from otter.generate import TINY_OTTER, load_model, load_processor
+
+logger = logging.getLogger(__name__)
+
+# Where `otter-train` writes its model by default (relative to the working directory, as `--output-dir` is).
+TRAINED_TINY_OTTER = Path("outputs/otter-tiny/model")
+MAX_IMAGE_MB = 20
+MAX_IMAGE_SIDE = 8192
+UNTRAINED_MAX_NEW_TOKENS = 32  # an untrained model never writes <|endofchunk|>, so it always runs to the limit
+
+
+class InputError(ValueError):
+    """Something the user gave cannot be used (not an image, too large, a reserved marker in the text, ...);
+    the message says what and is meant to be shown as is."""
+
+
+class GenerationError(RuntimeError):
+    """`model.generate` failed; the message is meant to be shown as is."""
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file, refusing files over `MAX_IMAGE_MB` or `MAX_IMAGE_SIDE` pixels per side before
+    decoding them (a small compressed file can decode to gigabytes)."""
+    path = Path(path)
+    try:
+        megabytes = path.stat().st_size / 2**20
+    except OSError as error:
+        raise InputError(f"Cannot read {path.name}: {error.strerror}.") from error
+    if megabytes > MAX_IMAGE_MB:
+        raise InputError(f"{path.name} is {megabytes:.1f} MB; images are limited to {MAX_IMAGE_MB} MB.")
+    try:
+        with Image.open(path) as image:
+            if max(image.size) > MAX_IMAGE_SIDE:
+                width, height = image.size
+                raise InputError(f"{path.name} is {width}×{height} px; images are limited to {MAX_IMAGE_SIDE} px "
+                                 "a side.")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
+        raise InputError(f"{path.name} is not an image (or not one Pillow can read).") from error
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` stripped, refusing Otter's special tokens: typed into a question they would break the chunk format,
+    and a typed `<image>` would ask for an image that was never given."""
+    text = text.strip()
+    if not text:
+        raise InputError(f"The {what} is empty.")
+    for token in OtterConfig.special_tokens:
+        if token in text:
+            if token == "<image>":
+                raise InputError(f"The {what} contains <image>, which would need more images than were given: "
+                                 "attach images instead (each attached image gets its own <image> marker).")
+            raise InputError(f"The {what} contains {token}, one of Otter's reserved markers; remove it.")
+    return text
+
+
+# ---- conversation -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    """An in-context example: an image, a question about it and the answer Otter should imitate."""
+
+    image: Image.Image
+    question: str
+    answer: str
+
+    @classmethod
+    def create(cls, image: Image.Image, question: str, answer: str, name: str = "example") -> Example:
+        return cls(image, check_text(question, f"question of {name}"), check_text(answer, f"answer of {name}"))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A question with the images attached to it and, once generated, its answer."""
+
+    question: str
+    images: tuple[Image.Image, ...] = ()
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """In-context examples and turns. Immutable: each step returns a new conversation, so a web session's state
+    is only replaced once a step has succeeded."""
+
+    examples: tuple[Example, ...] = ()
+    turns: tuple[Turn, ...] = ()
+
+    @property
+    def pending(self) -> bool:
+        """Whether the last question still waits for its answer."""
+        return bool(self.turns) and self.turns[-1].answer is None
+
+    def with_examples(self, examples: Sequence[Example]) -> Conversation:
+        """The same turns after other in-context examples (they prefix the whole conversation)."""
+        return replace(self, examples=tuple(examples))
+
+    def ask(self, question: str, images: Sequence[Image.Image] = ()) -> Conversation:
+        """Add a question (pending until `answer`). Without images it is a follow-up about the last image."""
+        question = check_text(question, "question")
+        if self.pending:
+            raise InputError("Wait for the answer to the last question (or stop it) before asking another one.")
+        if not images and not any(turn.images for turn in self.turns):
+            raise InputError("Attach an image to your first question: Otter answers questions about images.")
+        return replace(self, turns=(*self.turns, Turn(question, tuple(images))))
+
+    def answer(self, text: str) -> Conversation:
+        """Complete the pending question with its answer."""
+        if not self.pending:
+            raise ValueError("no question is waiting for an answer")
+        return replace(self, turns=(*self.turns[:-1], replace(self.turns[-1], answer=text)))
+
+    def retract(self) -> Conversation:
+        """Drop the pending question (its generation failed), so that it is not part of later prompts."""
+        return replace(self, turns=self.turns[:-1]) if self.pending else self
+
+    def messages(self) -> list[dict]:
+        """The conversation as transformers chat messages, in-context examples first."""
+        chunks = [(example.question, (example.image,), example.answer) for example in self.examples]
+        chunks += [(turn.question, turn.images, turn.answer) for turn in self.turns]
+        messages = []
+        for question, images, answer in chunks:
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+            messages.append({"role": "user", "content": content})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return messages
+
+    def images(self) -> list[Image.Image]:
+        """All images in the order of their `<image>` markers in the prompt."""
+        return [example.image for example in self.examples] + [image for turn in self.turns for image in turn.images]
+
+    def prompt(self, processor: OtterProcessor) -> str:
+        """Otter's prompt (see the module docstring), open at `GPT:<answer>` when a question is pending."""
+        return processor.apply_chat_template(self.messages(), add_generation_prompt=self.pending, tokenize=False)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What the user may tune. The defaults are Otter's demo settings (beam search of 3, no repeated 3-grams, up to
+    512 tokens); `TextIteratorStreamer` cannot follow beam search, so answers stream token by token only with
+    `num_beams=1` and otherwise appear when complete."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 3
+    no_repeat_ngram_size: int = 3
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, trained: bool = True) -> GenerationSettings:
+        """The settings of `add_generation_arguments`; an unset `--max-new-tokens` is short for untrained models."""
+        values = {name: getattr(args, name) for name in asdict(cls())}
+        if values["max_new_tokens"] is None:
+            values["max_new_tokens"] = cls.max_new_tokens if trained else UNTRAINED_MAX_NEW_TOKENS
+        return cls(**values)
+
+    @property
+    def streams(self) -> bool:
+        return self.num_beams == 1
+
+    def generate_kwargs(self) -> dict:
+        """`generate` arguments; temperature and top-p only when sampling (transformers warns otherwise)."""
+        kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": self.do_sample,
+                  "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation (every row and beam) at the next token once `event` is set, e.g. by a Stop button."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _GenerationThread(threading.Thread):
+    """`model.generate` under the model's lock, until done or `stop` is set, keeping its output or its exception for
+    the caller. A daemon, so that an interrupted terminal chat can exit without waiting for it."""
+
+    def __init__(self, lock: threading.Lock, model: OtterModel, kwargs: dict, streamer: TextIteratorStreamer | None,
+                 stop: threading.Event):
+        super().__init__(name="otter-generate", daemon=True)
+        self.lock, self.model, self.kwargs, self.streamer, self.stop = lock, model, kwargs, streamer, stop
+        self.output: torch.Tensor | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with self.lock:
+                start = time.perf_counter()
+                self.output = self.model.generate(**self.kwargs, streamer=self.streamer,
+                                                  stopping_criteria=StoppingCriteriaList([StopOnEvent(self.stop)]))
+            logger.info("%d new tokens in %.1f s%s", self.output.shape[1] - self.kwargs["input_ids"].shape[1],
+                        time.perf_counter() - start, ", stopped" if self.stop.is_set() else "")
+        except Exception as error:  # handed to the caller, which reports it
+            logger.exception("generation failed")
+            self.error = error
+            if self.streamer is not None:
+                self.streamer.end()  # unblock the caller waiting for text
+
+
+class ChatModel:
+    """A model and its processor answering conversations, one generation at a time (a lock, as several web
+    sessions share the model). `trained` is False for a model built from a config with random weights."""
+
+    def __init__(self, model: OtterModel, processor: OtterProcessor, *, name: str = "", trained: bool = True):
+        self.model, self.processor, self.name, self.trained = model, processor, name, trained
+        self._lock = threading.Lock()
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def inputs(self, conversation: Conversation) -> BatchFeature:
+        """The model inputs of a conversation with a pending question; refuses prompts longer than the model's
+        context (a long chat grows past it)."""
+        if not conversation.pending:
+            raise ValueError("the conversation has no question to answer")
+        inputs = self.processor(text=conversation.prompt(self.processor), images=conversation.images() or None)
+        length, context = inputs["input_ids"].shape[1], context_length(self.model.config)
+        if context is not None and length >= context:
+            raise InputError(f"The conversation is {length} tokens, more than the model's context of {context}: "
+                             "clear the chat (or use fewer in-context examples).")
+        return inputs.to(self.model.device)
+
+    def stream(self, conversation: Conversation, settings: GenerationSettings,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Answer the pending question: yields the answer so far as it grows (with beam search, nothing until the
+        end), then the final answer, post-processed like `OtterProcessor.decode_answers`. Setting `stop` ends the
+        generation at the next token, keeping what was generated; closing the iterator early stops it too.
+        Raises `InputError` before generating, `GenerationError` if the model fails."""
+        inputs = self.inputs(conversation)
+        prompt_length = inputs["input_ids"].shape[1]
+        stop = stop if stop is not None else threading.Event()
+        kwargs = {**inputs, **settings.generate_kwargs(), "pad_token_id": self.processor.pad_token_id}
+        context = context_length(self.model.config)
+        if context is not None:
+            kwargs["max_new_tokens"] = min(settings.max_new_tokens, context - prompt_length)
+        streamer = None
+        if settings.streams:
+            streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        job = _GenerationThread(self._lock, self.model, kwargs, streamer, stop)
+        job.start()
+        try:
+            text = ""
+            for piece in streamer or ():
+                text += piece
+                if piece.strip():
+                    yield text.strip()
+            job.join()
+        finally:
+            if job.is_alive():  # the caller stopped listening (closed tab, Ctrl-C): stop generating as well
+                stop.set()
+                job.join()
+        if job.error is not None:
+            raise GenerationError(f"The model failed: {type(job.error).__name__}: {job.error}") from job.error
+        yield self.processor.decode_answers(job.output, prompt_length=prompt_length)[0]
+
+
+def context_length(config: OtterConfig) -> int | None:
+    """The language model's maximum sequence length, where its config states one (LLaMA, OPT, GPT-NeoX: positions;
+    MPT: `max_seq_len`)."""
+    text_config = config.text_config
+    return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "max_seq_len", None)
+
+
+# ---- loading and command-line arguments -----------------------------------------------------------
+def has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def default_model() -> str:
+    """The model `otter-train` wrote with its defaults if it is there, else the tiny Otter's config (which
+    `load_model` turns into an untrained model)."""
+    return str(TRAINED_TINY_OTTER) if has_weights(TRAINED_TINY_OTTER) else str(TINY_OTTER)
+
+
+def load_chat_model(name: str | None = None, *, tokenizer: str | None = None, device_map: str | None = None,
+                    dtype: str = "float32", load_in_8bit: bool = False) -> ChatModel:
+    """`otter-generate`'s loading (hub id, checkpoint folder, or a folder with only a config -> untrained model),
+    plus bitsandbytes 8-bit weights for the language model (the vision tower, perceiver and cross-attention stay
+    unquantized)."""
+    name = name or default_model()
+    trained = not Path(name).is_dir() or has_weights(Path(name))
+    if load_in_8bit:
+        if not trained:
+            raise ValueError(f"--load-in-8bit needs a checkpoint with weights; {name} has only a config")
+        model = OtterModel.from_pretrained(name, device_map=device_map or "auto", dtype=getattr(torch, dtype),
+                                           quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
+    else:
+        model = load_model(name, device_map, dtype)
+    return ChatModel(model, load_processor(name, tokenizer), name=name, trained=trained)
+
+
+def add_model_arguments(parser: argparse._ActionsContainer) -> None:  # a parser or an argument group
+    parser.add_argument("--model", help=f"hub id or folder (default: {TRAINED_TINY_OTTER} if `otter-train` wrote it, "
+                        f"else an untrained tiny Otter from {TINY_OTTER.relative_to(TINY_OTTER.parents[1])})")
+    parser.add_argument("--tokenizer", help="base tokenizer to add Otter's tokens to (for checkpoints without one)")
+    parser.add_argument("--device-map", help='e.g. "auto" to shard over the visible GPUs')
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--load-in-8bit", action="store_true",
+                        help="bitsandbytes int8 weights for the language model's layers")
+
+
+def add_generation_arguments(parser: argparse._ActionsContainer) -> None:
+    defaults = GenerationSettings()
+    parser.add_argument("--max-new-tokens", type=int, help=f"default {defaults.max_new_tokens}, or "
+                        f"{UNTRAINED_MAX_NEW_TOKENS} for an untrained model (whose answers never end)")
+    parser.add_argument("--num-beams", type=int, default=defaults.num_beams, help="1 streams the answer token by token")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size)
+    parser.add_argument("--sample", dest="do_sample", action="store_true", help="sample instead of greedy/beam search")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+
+
+def load_chat_model_from_args(args: argparse.Namespace) -> ChatModel:
+    return load_chat_model(args.model, tokenizer=args.tokenizer, device_map=args.device_map, dtype=args.dtype,
+                           load_in_8bit=args.load_in_8bit)
+
+
+__all__ = ["ChatModel", "Conversation", "Example", "GenerationError", "GenerationSettings", "InputError", "Turn",
+           "load_chat_model", "load_image"]
