@@ -17,7 +17,7 @@ MPT_7B = dict(model_type="mpt", d_model=4096, n_heads=32, n_layers=32, expansion
 
 # Tiny: vocab = the tiny tokenizer's 591 base tokens + the added ones (see scripts/make_tiny_assets.py).
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8, hidden_act="quick_gelu")
-TINY_TEXT = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 TINY_SPLICE = dict(cross_attn_every_n_layers=2, perceiver_depth=2, perceiver_heads=4, perceiver_dim_head=16, perceiver_num_latents=8, cross_attn_heads=4, cross_attn_dim_head=32)
 
 CONFIGS = {
