@@ -239,6 +239,7 @@ def train(args: argparse.Namespace) -> dict:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("training %s of %s parameters (%s) for %d steps on %d process(es), %s", f"{trained:,}", f"{parameters:,}",
                 trainable, total_steps, accelerator.num_processes, accelerator.distributed_type.value)
+    logger.info("process %d holds %s parameter values", accelerator.process_index, f"{local_parameter_count(model):,}")
 
     log = StepLog(args.output_dir / "log.jsonl", accelerator.is_main_process, resume_step=step)
     started = time.perf_counter()
@@ -289,6 +290,11 @@ def train(args: argparse.Namespace) -> dict:
     summary = finish(accelerator, model, processor, heldout_set, args, step, train_seconds, log.losses())
     accelerator.end_training()
     return summary
+
+
+def local_parameter_count(model: torch.nn.Module) -> int:
+    """Values this process stores: all of them under DDP, its shard under FSDP (DTensor parameters)."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
 def zero_loss(model: torch.nn.Module, last_batch: dict | None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path):
 
 
 def test_ddp_and_fsdp_on_two_processes_agree_and_save_a_loadable_model(tmp_path):
-    losses = {}
+    losses, held = {}, {}
     for strategy, expected in (("ddp.yaml", "MULTI_CPU"), ("fsdp.yaml", "FSDP")):
         output = tmp_path / strategy
         result = run_train(output, "--max-steps", "3", "--save-every", "2", launcher=accelerate_launch(strategy))
@@ -99,6 +100,10 @@ def test_ddp_and_fsdp_on_two_processes_agree_and_save_a_loadable_model(tmp_path)
         assert (output / "checkpoints" / "step-000002").is_dir()
         assert OtterModel.from_pretrained(output / "model").config.model_type == "otter"
         losses[strategy] = logged_losses(output)
+        held[strategy] = [int(m.replace(",", "")) for m in re.findall(r"process \d holds ([\d,]+) parameter values", result.stderr)]
+    assert len(held["ddp.yaml"]) == len(held["fsdp.yaml"]) == 2
+    assert held["ddp.yaml"][0] == held["ddp.yaml"][1]  # replicated
+    assert max(held["fsdp.yaml"]) < 0.6 * held["ddp.yaml"][0]  # really sharded: about half each
     assert sorted(losses["ddp.yaml"]) == [1, 2, 3]
     for step, loss in losses["ddp.yaml"].items():
         assert losses["fsdp.yaml"][step] == pytest.approx(loss, rel=1e-4), step
