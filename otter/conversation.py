@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, BitsAndBytesConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from otter import OtterConfig, OtterModel, OtterProcessor
-from otter.generate import TINY_OTTER, load_model, load_processor
+from otter.generate import TINY_OTTER, has_weights, load_model, load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -307,10 +307,6 @@ def context_length(config: OtterConfig) -> int | None:
 
 
 # ---- loading and command-line arguments -----------------------------------------------------------
-def has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-
-
 def default_model() -> str:
     """The model `otter-train` wrote with its defaults if it is there, else the tiny Otter's config (which
     `load_model` turns into an untrained model)."""

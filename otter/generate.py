@@ -26,12 +26,16 @@ EXAMPLES = [("What colour is the shape?", "red"), ("What colour is the shape?", 
 EXAMPLE_IMAGES = [("circle", "red"), ("square", "blue")]
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether a local folder holds a checkpoint, or only a config (the tiny defaults)."""
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
 def load_model(name: str, device_map: str | None, dtype: str) -> OtterModel:
     """A checkpoint (hub id or folder), or, for a folder with a config but no weights, a randomly
     initialised model of that config (the tiny defaults)."""
     folder = Path(name)
-    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    if folder.is_dir() and not has_weights:
+    if folder.is_dir() and not has_weights(folder):
         logger.warning("%s has no weights: building an untrained model from its config", folder)
         torch.manual_seed(0)
         return OtterModel(OtterConfig.from_pretrained(folder)).to(getattr(torch, dtype)).eval()

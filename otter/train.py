@@ -34,6 +34,7 @@ from otter.data.mixture import load_mixture
 from otter.data.toy import toy_dataset_paths
 from otter.distributed import make_accelerator
 from otter.evaluate import answer_accuracy
+from otter.generate import has_weights
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model_and_processor(args: argparse.Namespace) -> tuple[OtterModel, OtterProcessor, bool]:
     """Returns (model, processor, from_scratch)."""
     folder = Path(args.model)
-    from_scratch = folder.is_dir() and not (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
+    from_scratch = folder.is_dir() and not has_weights(folder)
     if from_scratch:
         model = OtterModel(OtterConfig.from_pretrained(folder))
     else:
