@@ -155,24 +155,47 @@ class MediaCache:
 
 
 @dataclass
+class ImageRouting:
+    """Which image latents each text token attends to in one forward, worked out once for all blocks."""
+
+    sees_image: torch.Tensor  # bool (B, T_txt, 1): the token sees an image at all (the others get exactly zero)
+    mask: torch.Tensor | None  # bool (B, 1, T_txt, T_img·n): the token may attend to the latent; None: to all given
+    decoding_image: torch.Tensor | None  # long (B,): one token per row (decoding): the 0-based image it sees
+    num_latents: int
+
+    @classmethod
+    def of(cls, attended: torch.Tensor, num_images: int, num_latents: int) -> "ImageRouting":
+        sees_image = ((attended >= 1) & (attended <= num_images))[..., None]
+        if num_images == 1:  # whoever sees an image sees all its latents
+            return cls(sees_image, None, None, num_latents)
+        if attended.shape[1] == 1:  # decoding: the new token's image alone is given, so no mask is needed
+            return cls(sees_image, None, (attended[:, 0] - 1).clamp(0, num_images - 1), num_latents)
+        latent_image = torch.arange(1, num_images + 1, device=attended.device).repeat_interleave(num_latents)
+        # Rows that see no image may attend anywhere (their output is zeroed): avoids all-masked rows.
+        mask = (attended[..., None] == latent_image) | ~sees_image
+        return cls(sees_image, mask[:, None], None, num_latents)
+
+    def select(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, T_img·n, d) keys and values -> those of the decoding token's image, (B, H, n, d), when decoding."""
+        if self.decoding_image is None:
+            return key, value
+        rows = torch.arange(key.shape[0], device=key.device)
+        return tuple(x.unflatten(2, (-1, self.num_latents))[rows, :, self.decoding_image] for x in (key, value))
+
+
+@dataclass
 class MediaContext:
     """What the cross-attention blocks need for one forward: the images and which one each token sees."""
 
     media: MediaCache | None
     attended_image: torch.Tensor  # (B, T_txt) long: 1-based image index per token; 0 = no image yet
+    _routing: dict[torch.device, ImageRouting] = field(default_factory=dict, init=False, repr=False)
 
-    def attention_mask(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """bool (B, 1, T_txt, T_img·n) "token may attend to this latent", or None when all may; and
-        bool (B, T_txt, 1) "token sees an image at all" (the others get exactly zero cross-attention)."""
-        attended = self.attended_image.to(device)
-        sees_image = (attended >= 1) & (attended <= self.media.num_images)
-        if self.media.num_images == 1:
-            return None, sees_image[..., None]  # one image: whoever sees an image sees all its latents
-        latent_image = torch.arange(1, self.media.num_images + 1, device=device)
-        latent_image = latent_image.repeat_interleave(self.media.latents.shape[2])  # (T_img·n,)
-        # Rows that see no image may attend anywhere (their output is zeroed): avoids all-masked rows.
-        mask = (attended[..., None] == latent_image) | ~sees_image[..., None]
-        return mask[:, None], sees_image[..., None]
+    def routing(self, device: torch.device) -> ImageRouting:
+        if device not in self._routing:  # once per device: the blocks of a sharded model may sit on several
+            attended = self.attended_image.to(device)
+            self._routing[device] = ImageRouting.of(attended, self.media.num_images, self.media.latents.shape[2])
+        return self._routing[device]
 
 
 _media_context: contextvars.ContextVar[MediaContext | None] = contextvars.ContextVar("flamingo_media", default=None)
@@ -215,10 +238,10 @@ class MaskedCrossAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context: MediaContext) -> torch.Tensor:
         # hidden_states (B, T_txt, D) -> (B, T_txt, D)
-        key, value = self.media_keys_values(context.media, hidden_states.device)
+        routing = context.routing(hidden_states.device)
+        key, value = routing.select(*self.media_keys_values(context.media, hidden_states.device))
         query = rearrange(self.to_q(self.norm(hidden_states)), "b t (h d) -> b h t d", h=self.heads)
-        mask, sees_image = context.attention_mask(hidden_states.device)
-        output = attend(self, query, key, value, mask, self.scale) * sees_image
+        output = attend(self, query, key, value, routing.mask, self.scale) * routing.sees_image
         return self.to_out(output)
 
 

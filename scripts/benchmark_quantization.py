@@ -3,7 +3,7 @@
 
 A randomly initialised model with 9B proportions scaled down (LLaMA hidden 1024, 8 layers, cross-attention every
 4 layers, ViT width 256 at 224 px, the real perceiver and cross-attention widths; the config of
-benchmark_generate.py) is saved in fp32, then loaded once per variant with `from_pretrained`, as a user would.
+benchmark_vs_reference.py) is saved in fp32, then loaded once per variant with `from_pretrained`, as a user would.
 Quantized variants convert only the language model's decoder layers: the vision tower, perceiver, gated
 cross-attention blocks and lm_head stay in `--unquantized-dtype`.
 

@@ -140,6 +140,23 @@ def test_new_tokens_attend_to_the_last_prompt_image(model):
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
 
 
+def test_decoding_steps_match_full_forward_for_rows_on_different_images(model):
+    """A one-token step gives each row just its current image's latents instead of a mask over all: the same logits
+    as the masked full forward, for rows on their second image, on their first, and on none yet."""
+    prompt = torch.tensor([[1, IMAGE, 10, IMAGE, 11], [1, IMAGE, 10, 11, 12], [1, 10, 11, 12, 13]])
+    vision_x = torch.randn(3, 2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    step = torch.tensor([[14], [15], [16]])
+    ids = torch.cat([prompt, step], dim=1)
+    with torch.no_grad():
+        out = model(input_ids=prompt, vision_x=vision_x, use_cache=True)
+        cached = model(input_ids=step, media_cache=out.media_cache, cache=out.cache,
+                       attended_image=model.attended_images(ids)[:, -1:]).logits
+        full = model(input_ids=ids, vision_x=vision_x).logits[:, -1:]
+        other_images = model(input_ids=ids, vision_x=vision_x.flip(1)).logits[:, -1:]
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    assert (other_images[:2] - full[:2]).abs().max() > 1e-4  # the images matter to the rows that see one (10x atol)
+
+
 def test_eos_defaults_to_endofchunk(model):
     assert model.generation_config.eos_token_id == EOC == model.config.endofchunk_token_id
 
