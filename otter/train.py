@@ -21,18 +21,19 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import is_tensorboard_available, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from otter import OtterConfig, OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator
 from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import load_mixture
 from otter.data.toy import toy_dataset_paths
-from otter.distributed import make_accelerator
+from otter.distributed import configure_deepspeed, hide_zero3_from_transformers, make_accelerator
 from otter.evaluate import answer_accuracy
 from otter.generate import has_weights
 
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-grad-norm", type=float, default=1.0)
     add("--max-length", type=int, default=256)
     add("--gradient-checkpointing", action="store_true")
+    add("--mixed-precision", choices=["no", "bf16", "fp16"],
+        help="autocast (DeepSpeed: its bf16/fp16 engine); default: what `accelerate launch`/its config says, else no")
     add("--save-every", type=int, default=200, help="checkpoint every N optimizer steps (0: only at the end)")
     add("--keep-checkpoints", type=int, default=2)
     add("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -213,12 +216,24 @@ def train(args: argparse.Namespace) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with="tensorboard" if is_tensorboard_available() else None,  # pip install '.[train]'
         project_dir=str(args.output_dir),
+        **({"mixed_precision": args.mixed_precision} if args.mixed_precision else {}),
     )
+    configure_deepspeed(accelerator, micro_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                        gradient_clipping=args.max_grad_norm)
+    if accelerator.gradient_accumulation_steps != args.grad_accum:  # the launcher's setting wins in accelerate
+        raise ValueError(f"accelerate accumulates over {accelerator.gradient_accumulation_steps} batches "
+                         f"but --grad-accum is {args.grad_accum}")
     set_seed(args.seed)
-    model, processor, from_scratch = load_model_and_processor(args)
+    with hide_zero3_from_transformers(accelerator):  # zero3_init_flag is false (configure_deepspeed)
+        model, processor, from_scratch = load_model_and_processor(args)
     trainable = configure_trainable(model, args, from_scratch)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        checkpointed = sum(bool(getattr(m, "gradient_checkpointing", False))
+                           for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+        if not checkpointed:
+            raise RuntimeError("--gradient-checkpointing: no layer of this model checkpoints its activations")
+        logger.info("gradient checkpointing: %d layers recompute their activations in the backward pass", checkpointed)
     train_set, heldout_set = load_datasets(args)
     collator = OtterCollator(processor, max_length=args.max_length)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collator, num_workers=args.num_workers, drop_last=True)
@@ -227,7 +242,8 @@ def train(args: argparse.Namespace) -> dict:
     steps_per_epoch = len(loader) // args.grad_accum
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
-    # accelerate steps a prepared scheduler once per process at every optimizer step.
+    # accelerate steps a prepared scheduler once per process at every optimizer step (under DeepSpeed too: a
+    # LambdaLR is not one of DeepSpeed's schedulers, so accelerate, not the engine, steps it).
     schedule_steps = total_steps * accelerator.num_processes
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * schedule_steps), schedule_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -236,10 +252,11 @@ def train(args: argparse.Namespace) -> dict:
     step = resume(accelerator, checkpoints) if args.resume else 0
     accelerator.init_trackers("runs", config={k: str(v) for k, v in vars(args).items()})
     stop = StopRequested()
-    parameters = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("training %s of %s parameters (%s) for %d steps on %d process(es), %s", f"{trained:,}", f"{parameters:,}",
-                trainable, total_steps, accelerator.num_processes, accelerator.distributed_type.value)
+    parameters = sum(parameter_count(p) for p in model.parameters())
+    trained = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    logger.info("training %s of %s parameters (%s) for %d steps on %d process(es), %s%s, mixed precision %s",
+                f"{trained:,}", f"{parameters:,}", trainable, total_steps, accelerator.num_processes,
+                accelerator.distributed_type.value, zero_stage(accelerator), accelerator.mixed_precision)
     logger.info("process %d holds %s parameter values", accelerator.process_index, f"{local_parameter_count(model):,}")
 
     log = StepLog(args.output_dir / "log.jsonl", accelerator.is_main_process, resume_step=step)
@@ -293,9 +310,26 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def parameter_count(parameter: torch.Tensor) -> int:
+    """Under ZeRO-3 a parameter's own tensor is empty; `ds_numel` is its full size."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def local_parameter_count(model: torch.nn.Module) -> int:
-    """Values this process stores: all of them under DDP, its shard under FSDP (DTensor parameters)."""
-    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    """Values this process stores: all of them under DDP and ZeRO-2, its shard under FSDP (DTensor parameters) and
+    ZeRO-3 (`ds_tensor`)."""
+    def local(p: torch.Tensor) -> int:
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.numel()
+        return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+    return sum(local(p) for p in model.parameters())
+
+
+def zero_stage(accelerator: Accelerator) -> str:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return ""
+    return f" ZeRO-{accelerator.state.deepspeed_plugin.deepspeed_config['zero_optimization']['stage']}"
 
 
 def zero_loss(model: torch.nn.Module, last_batch: dict | None) -> torch.Tensor:
@@ -323,21 +357,29 @@ def finish(accelerator, model, processor, heldout_set, args, step, train_seconds
     model_dir = args.output_dir / "model"
     state_dict = accelerator.get_state_dict(model)  # gathered on the main process, on every strategy
     summary = {"steps": step, "train_seconds": round(train_seconds, 1), "model_dir": str(model_dir)}
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict)
-        processor.save_pretrained(model_dir)
-        if args.push_to_hub:
-            OtterModel.from_pretrained(model_dir).push_to_hub(args.push_to_hub)
-            processor.push_to_hub(args.push_to_hub)
-        if heldout_set is not None and args.eval_samples:
-            saved = OtterModel.from_pretrained(model_dir).eval()
-            samples = [heldout_set[i] for i in range(min(args.eval_samples, len(heldout_set)))]
-            summary["heldout_accuracy"] = answer_accuracy(saved, processor, samples)
-            summary["blank_image_accuracy"] = answer_accuracy(saved, processor, samples, blank_images=True)
-        (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_losses(losses, args.output_dir / "loss.png")
+    # Only this process loads and generates: under ZeRO-3, transformers would make both collectives (zero.Init,
+    # generate's synced_gpus) and wait for the other processes forever.
+    with hide_zero3_from_transformers(accelerator):
+        if accelerator.is_main_process:
+            write_and_score(accelerator, model, state_dict, processor, heldout_set, args, summary, losses)
     accelerator.wait_for_everyone()
     return summary
+
+
+def write_and_score(accelerator, model, state_dict, processor, heldout_set, args, summary, losses) -> None:
+    model_dir = Path(summary["model_dir"])
+    accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict)
+    processor.save_pretrained(model_dir)
+    if args.push_to_hub:
+        OtterModel.from_pretrained(model_dir).push_to_hub(args.push_to_hub)
+        processor.push_to_hub(args.push_to_hub)
+    if heldout_set is not None and args.eval_samples:
+        saved = OtterModel.from_pretrained(model_dir).eval()
+        samples = [heldout_set[i] for i in range(min(args.eval_samples, len(heldout_set)))]
+        summary["heldout_accuracy"] = answer_accuracy(saved, processor, samples)
+        summary["blank_image_accuracy"] = answer_accuracy(saved, processor, samples, blank_images=True)
+    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_losses(losses, args.output_dir / "loss.png")
 
 
 def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:

@@ -1,6 +1,8 @@
-"""otter-train on the CPU: a short single-process run, resume after SIGTERM, and 2-process DDP/FSDP runs."""
+"""otter-train on the CPU: a short single-process run, resume after SIGTERM, gradient accumulation, gradient
+checkpointing and bf16 autocast, and 2-process DDP/FSDP/DeepSpeed ZeRO-2 and ZeRO-3 runs."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -9,19 +11,33 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from otter import OtterModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_RUN = ["--batch-size", "4", "--max-length", "128", "--eval-samples", "8", "--lr", "3e-3", "--seed", "0"]
+TWO_PROCESS_RUN = ["--max-steps", "4", "--save-every", "2"]  # DDP, FSDP, ZeRO-2/3: compared step by step
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def run_train(output: Path, *extra: str, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """On timeout, kill the launcher and every process under it: torch's launcher starts each worker in a session of
+    its own, and a worker waiting in a collective would otherwise outlive the test."""
     command = [*(launcher or [sys.executable, "-m"]), "otter.train", "--output-dir", str(output), *SHORT_RUN, *extra]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher_process = psutil.Process(process.pid)
+        for leftover in [*launcher_process.children(recursive=True), launcher_process]:
+            leftover.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"otter-train ran past {timeout} s: {' '.join(command)}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def logged_losses(output: Path) -> dict[int, float]:
@@ -29,9 +45,45 @@ def logged_losses(output: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows}
 
 
-def accelerate_launch(config: str) -> list[str]:
+def saved_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "model" / "model.safetensors")
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def held_values(stderr: str) -> list[int]:
+    return [int(m.replace(",", "")) for m in re.findall(r"process \d holds ([\d,]+) parameter values", stderr)]
+
+
+def accelerate_launch(config: str, mixed_precision: str | None = "no") -> list[str]:
+    """`mixed_precision=None`: what the config says (the shipped configs say bf16)."""
+    precision = ["--mixed_precision", mixed_precision] if mixed_precision else []
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / config),
-            "--num_processes", "2", "--main_process_port", "0", "--mixed_precision", "no", "-m"]
+            "--num_processes", "2", "--main_process_port", "0", *precision, "-m"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, str]:
+    """A 2-process DDP run in fp32, the reference for FSDP, DeepSpeed and gradient accumulation."""
+    output = tmp_path_factory.mktemp("ddp")
+    result = run_train(output, *TWO_PROCESS_RUN, launcher=accelerate_launch("ddp.yaml"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "on 2 process(es), MULTI_CPU, mixed precision no" in result.stderr
+    return output, result.stderr
+
+
+@pytest.fixture(scope="module")
+def deepspeed_importable() -> None:
+    """Checked in a subprocess, like the runs that use it: importing deepspeed into the test process would bring
+    its import-time setup (accelerator detection, patches) to every other test there."""
+    probe = subprocess.run([sys.executable, "-c", "import deepspeed"], env=ENV, capture_output=True, text=True)
+    if probe.returncode:
+        reason = (probe.stderr.strip().splitlines() or ["no error message"])[-1]
+        pytest.skip(f"deepspeed is not importable ({reason}); install it as .ci/run does: "
+                    "DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8")
 
 
 @pytest.mark.parametrize("trainable", ["otter", "lora", "all"])
@@ -91,20 +143,113 @@ def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-def test_ddp_and_fsdp_on_two_processes_agree_and_save_a_loadable_model(tmp_path):
+def test_ddp_and_fsdp_on_two_processes_agree_and_save_a_loadable_model(tmp_path, ddp_run):
     losses, held = {}, {}
-    for strategy, expected in (("ddp.yaml", "MULTI_CPU"), ("fsdp.yaml", "FSDP")):
-        output = tmp_path / strategy
-        result = run_train(output, "--max-steps", "3", "--save-every", "2", launcher=accelerate_launch(strategy))
-        assert result.returncode == 0, result.stderr[-4000:]
-        assert f"on 2 process(es), {expected}" in result.stderr
-        assert (output / "checkpoints" / "step-000002").is_dir()
-        assert OtterModel.from_pretrained(output / "model").config.model_type == "otter"
-        losses[strategy] = logged_losses(output)
-        held[strategy] = [int(m.replace(",", "")) for m in re.findall(r"process \d holds ([\d,]+) parameter values", result.stderr)]
-    assert len(held["ddp.yaml"]) == len(held["fsdp.yaml"]) == 2
-    assert held["ddp.yaml"][0] == held["ddp.yaml"][1]  # replicated
-    assert max(held["fsdp.yaml"]) < 0.6 * held["ddp.yaml"][0]  # really sharded: about half each
-    assert sorted(losses["ddp.yaml"]) == [1, 2, 3]
-    for step, loss in losses["ddp.yaml"].items():
-        assert losses["fsdp.yaml"][step] == pytest.approx(loss, rel=1e-4), step
+    ddp_output, ddp_stderr = ddp_run
+    output = tmp_path / "fsdp"
+    result = run_train(output, *TWO_PROCESS_RUN, launcher=accelerate_launch("fsdp.yaml"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "on 2 process(es), FSDP" in result.stderr
+    for strategy, folder, stderr in (("ddp", ddp_output, ddp_stderr), ("fsdp", output, result.stderr)):
+        assert (folder / "checkpoints" / "step-000002").is_dir()
+        assert OtterModel.from_pretrained(folder / "model").config.model_type == "otter"
+        losses[strategy], held[strategy] = logged_losses(folder), held_values(stderr)
+    assert len(held["ddp"]) == len(held["fsdp"]) == 2
+    assert held["ddp"][0] == held["ddp"][1]  # replicated
+    assert max(held["fsdp"]) < 0.6 * held["ddp"][0]  # really sharded: about half each
+    assert sorted(losses["ddp"]) == [1, 2, 3, 4]
+    for step, loss in losses["ddp"].items():
+        assert losses["fsdp"][step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_ddp_resumes_and_saves_a_loadable_model(deepspeed_importable, tmp_path, ddp_run, stage):
+    """fp32: otter-train's `--mixed-precision no` overrides the config's bf16 (bf16 has a test of its own)."""
+    ddp_output, ddp_stderr = ddp_run
+    output, launcher = tmp_path / "run", accelerate_launch(f"zero{stage}.yaml", mixed_precision=None)
+    result = run_train(output, *TWO_PROCESS_RUN, "--mixed-precision", "no", launcher=launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"on 2 process(es), DEEPSPEED ZeRO-{stage}, mixed precision no" in result.stderr
+    held, replicated = held_values(result.stderr), held_values(ddp_stderr)[0]
+    assert len(held) == 2
+    if stage == 2:
+        assert held == [replicated, replicated]  # ZeRO-2 shards gradients and optimizer state only
+    else:
+        assert max(held) < 0.6 * replicated  # ZeRO-3: parameters too, about half each
+    # Same data, same initial weights, same updates as DDP: the processes really exchange gradients.
+    expected, losses = logged_losses(ddp_output), logged_losses(output)
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    assert OtterModel.from_pretrained(output / "model").config.model_type == "otter"  # gathered under ZeRO-3
+    assert max_difference(saved_weights(output), saved_weights(ddp_output)) < 1e-4
+    assert (output / "checkpoints" / "step-000002").is_dir()
+
+    resumed = run_train(output, *TWO_PROCESS_RUN, "--mixed-precision", "no", "--resume", "--eval-samples", "0",
+                        launcher=launcher)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr and str(output / "checkpoints" / "step-000002") in resumed.stderr
+    again = logged_losses(output)
+    assert sorted(again) == [1, 2, 3, 4]
+    for step in (3, 4):  # redone from the step-2 checkpoint: model, optimizer, scheduler and data order restored
+        assert again[step] == pytest.approx(losses[step], abs=1e-6), step
+
+
+def test_deepspeed_bf16_as_configured(deepspeed_importable, tmp_path, ddp_run):
+    """The shipped ZeRO-3 config unchanged: DeepSpeed's bf16 engine (bf16 weights and activations, fp32 master
+    weights)."""
+    ddp_output, _ = ddp_run
+    output = tmp_path / "run"
+    result = run_train(output, *TWO_PROCESS_RUN, launcher=accelerate_launch("zero3.yaml", mixed_precision=None))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "on 2 process(es), DEEPSPEED ZeRO-3, mixed precision bf16" in result.stderr
+    expected, losses = logged_losses(ddp_output), logged_losses(output)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(math.isfinite(loss) and loss == pytest.approx(expected[step], rel=1e-2) for step, loss in losses.items())
+    assert any(abs(loss - expected[step]) > 1e-5 for step, loss in losses.items())  # really computed in bf16
+    model = OtterModel.from_pretrained(output / "model")
+    assert model.dtype == torch.bfloat16 and model.config.model_type == "otter"
+
+
+def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
+    """Two batches of 4 accumulated on one process are the two processes' batches of 4 under DDP (accelerate deals
+    batches to processes in turn), and both average the two batches' gradients: the same updates. Stepping at every
+    batch, or not accumulating at all, would move the weights elsewhere (checked: far more than the tolerance)."""
+    from accelerate.utils import set_seed
+
+    from otter import OtterConfig
+    from otter.train import TINY_OTTER, open_gates
+
+    ddp_output, _ = ddp_run
+    output = tmp_path / "accumulated"
+    result = run_train(output, *TWO_PROCESS_RUN, "--grad-accum", "2", "--eval-samples", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(logged_losses(output)) == [1, 2, 3, 4]  # optimizer steps, not batches
+    set_seed(0)  # otter-train's initial weights (--seed 0, built from the config)
+    initial = OtterModel(OtterConfig.from_pretrained(TINY_OTTER))
+    open_gates(initial)
+    accumulated, ddp = (OtterModel.from_pretrained(folder / "model").state_dict() for folder in (output, ddp_output))
+    assert max_difference(ddp, initial.state_dict()) > 1e-3
+    assert max_difference(accumulated, ddp) < 1e-5
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
+    steps = ["--max-steps", "3", "--save-every", "0", "--eval-samples", "0"]
+    runs = {}
+    variants = {"fp32": [], "checkpointed": ["--gradient-checkpointing"], "bf16": ["--mixed-precision", "bf16"]}
+    for name, extra in variants.items():
+        result = run_train(tmp_path / name, *steps, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (logged_losses(tmp_path / name), result.stderr)
+    # 4 LM layers, 2 CLIP layers, 2 perceiver blocks, 2 cross-attention blocks
+    assert "gradient checkpointing: 10 layers recompute" in runs["checkpointed"][1]
+    assert "mixed precision bf16" in runs["bf16"][1] and "mixed precision no" in runs["fp32"][1]
+    fp32, checkpointed, bf16 = (runs[name][0] for name in ("fp32", "checkpointed", "bf16"))
+    assert sorted(fp32) == sorted(checkpointed) == sorted(bf16) == [1, 2, 3]
+    for step, loss in fp32.items():
+        assert checkpointed[step] == pytest.approx(loss, abs=1e-5), step  # recomputation changes nothing
+        assert math.isfinite(bf16[step]) and bf16[step] == pytest.approx(loss, rel=2e-2), step
+    assert any(abs(bf16[step] - fp32[step]) > 1e-5 for step in fp32)  # autocast really computed in bf16
+    weights = saved_weights(tmp_path / "bf16")
+    assert {v.dtype for v in weights.values()} == {torch.float32}  # autocast: the weights stay fp32
+    assert OtterModel.from_pretrained(tmp_path / "bf16" / "model").config.model_type == "otter"
