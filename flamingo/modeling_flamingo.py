@@ -539,6 +539,16 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
             model_inputs["vision_x"] = vision_x
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        # Beam search and num_return_sequences copy every input once per sequence: encode the images first, then copy
+        # their latents, rather than running the vision tower and perceiver on each copy.
+        vision_x = model_kwargs.pop("vision_x", None) if expand_size > 1 else None
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        if vision_x is not None:
+            latents = self.encode_images(vision_x).latents
+            model_kwargs["media_cache"] = MediaCache(latents.repeat_interleave(expand_size, dim=0))
+        return input_ids, model_kwargs
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs) -> dict:
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         model_kwargs["media_cache"] = outputs.media_cache

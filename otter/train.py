@@ -228,7 +228,7 @@ def train(args: argparse.Namespace) -> dict:
         model, processor, from_scratch = load_model_and_processor(args)
     trainable = configure_trainable(model, args, from_scratch)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         checkpointed = sum(bool(getattr(m, "gradient_checkpointing", False))
                            for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
         if not checkpointed:

@@ -169,6 +169,15 @@ def test_beam_search_keeps_each_row_with_its_own_images(model):
     assert torch.equal(together[1, 3:], alone[0])
 
 
+def test_beam_search_encodes_each_image_once(model):
+    input_ids, attention_mask, vision_x = batch()
+    pixels_encoded = []
+    model.vision_encoder.register_forward_hook(lambda module, args, kwargs, out: pixels_encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    model.generate(input_ids=input_ids, vision_x=vision_x, attention_mask=attention_mask, max_new_tokens=3, num_beams=3,
+                   do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    assert pixels_encoded == [vision_x.shape[0] * vision_x.shape[1]]  # 2 rows x 2 images, not x 3 beams
+
+
 def test_sampling_and_streaming():
     from transformers import TextIteratorStreamer
     from threading import Thread

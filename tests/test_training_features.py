@@ -45,7 +45,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
     loss_and_grads(model)
     assert calls == {"decoder": 1, "xattn": 1}
 
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     calls.update(decoder=0, xattn=0)
     checkpointed_loss, checkpointed_grads = loss_and_grads(model)
     assert calls == {"decoder": 2, "xattn": 2}  # forward, then again during backward
