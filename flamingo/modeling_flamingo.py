@@ -160,7 +160,7 @@ class ImageRouting:
 
     sees_image: torch.Tensor  # bool (B, T_txt, 1): the token sees an image at all (the others get exactly zero)
     mask: torch.Tensor | None  # bool (B, 1, T_txt, T_img·n): the token may attend to the latent; None: to all given
-    decoding_image: torch.Tensor | None  # long (B,): one token per row (decoding): the 0-based image it sees
+    decoding_image: tuple[torch.Tensor, torch.Tensor] | None  # one token per row (decoding): (rows, 0-based image)
     num_latents: int
 
     @classmethod
@@ -169,7 +169,8 @@ class ImageRouting:
         if num_images == 1:  # whoever sees an image sees all its latents
             return cls(sees_image, None, None, num_latents)
         if attended.shape[1] == 1:  # decoding: the new token's image alone is given, so no mask is needed
-            return cls(sees_image, None, (attended[:, 0] - 1).clamp(0, num_images - 1), num_latents)
+            rows = torch.arange(attended.shape[0], device=attended.device)
+            return cls(sees_image, None, (rows, (attended[:, 0] - 1).clamp(0, num_images - 1)), num_latents)
         latent_image = torch.arange(1, num_images + 1, device=attended.device).repeat_interleave(num_latents)
         # Rows that see no image may attend anywhere (their output is zeroed): avoids all-masked rows.
         mask = (attended[..., None] == latent_image) | ~sees_image
@@ -179,8 +180,8 @@ class ImageRouting:
         """(B, H, T_img·n, d) keys and values -> those of the decoding token's image, (B, H, n, d), when decoding."""
         if self.decoding_image is None:
             return key, value
-        rows = torch.arange(key.shape[0], device=key.device)
-        return tuple(x.unflatten(2, (-1, self.num_latents))[rows, :, self.decoding_image] for x in (key, value))
+        rows, image = self.decoding_image
+        return tuple(x.unflatten(2, (-1, self.num_latents))[rows, :, image] for x in (key, value))
 
 
 @dataclass

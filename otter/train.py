@@ -361,25 +361,20 @@ def finish(accelerator, model, processor, heldout_set, args, step, train_seconds
     # generate's synced_gpus) and wait for the other processes forever.
     with hide_zero3_from_transformers(accelerator):
         if accelerator.is_main_process:
-            write_and_score(accelerator, model, state_dict, processor, heldout_set, args, summary, losses)
+            accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict)
+            processor.save_pretrained(model_dir)
+            if args.push_to_hub:
+                OtterModel.from_pretrained(model_dir).push_to_hub(args.push_to_hub)
+                processor.push_to_hub(args.push_to_hub)
+            if heldout_set is not None and args.eval_samples:
+                saved = OtterModel.from_pretrained(model_dir).eval()
+                samples = [heldout_set[i] for i in range(min(args.eval_samples, len(heldout_set)))]
+                summary["heldout_accuracy"] = answer_accuracy(saved, processor, samples)
+                summary["blank_image_accuracy"] = answer_accuracy(saved, processor, samples, blank_images=True)
+            (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            plot_losses(losses, args.output_dir / "loss.png")
     accelerator.wait_for_everyone()
     return summary
-
-
-def write_and_score(accelerator, model, state_dict, processor, heldout_set, args, summary, losses) -> None:
-    model_dir = Path(summary["model_dir"])
-    accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict)
-    processor.save_pretrained(model_dir)
-    if args.push_to_hub:
-        OtterModel.from_pretrained(model_dir).push_to_hub(args.push_to_hub)
-        processor.push_to_hub(args.push_to_hub)
-    if heldout_set is not None and args.eval_samples:
-        saved = OtterModel.from_pretrained(model_dir).eval()
-        samples = [heldout_set[i] for i in range(min(args.eval_samples, len(heldout_set)))]
-        summary["heldout_accuracy"] = answer_accuracy(saved, processor, samples)
-        summary["blank_image_accuracy"] = answer_accuracy(saved, processor, samples, blank_images=True)
-    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_losses(losses, args.output_dir / "loss.png")
 
 
 def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
