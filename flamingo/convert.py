@@ -65,6 +65,7 @@ from transformers.utils import logging
 from .configuration_flamingo import FlamingoConfig
 from .modeling_flamingo import FlamingoModel, find_decoder_layers
 from .processing_flamingo import PAD_TOKEN, FlamingoProcessor
+from .registry import classes_of
 
 logger = logging.get_logger(__name__)
 
@@ -410,15 +411,9 @@ def fit_rows(weight: torch.Tensor, num_rows: int, base_vocab: int) -> torch.Tens
 # Assembly
 # --------------------------------------------------------------------------------------------------
 def target_classes(target: str) -> tuple[type[FlamingoConfig], type[FlamingoModel], type[FlamingoProcessor]]:
-    """Config, model and processor classes of `target`. Otter's live in the `otter` package, which builds on this
-    one, so it is imported only when asked for."""
-    if target == "flamingo":
-        return FlamingoConfig, FlamingoModel, FlamingoProcessor
-    if target == "otter":
-        from otter import OtterConfig, OtterModel, OtterProcessor
-
-        return OtterConfig, OtterModel, OtterProcessor
-    raise ValueError(f"target must be 'flamingo' or 'otter', got {target!r}")
+    """Config, model and processor classes of the registered model type `target` (`flamingo`; `otter` comes from
+    the otter package, found through its plugin entry point)."""
+    return classes_of(target)
 
 
 def _parameter_names(module: nn.Module, parameter: nn.Parameter) -> list[str]:

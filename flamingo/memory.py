@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .loading import load_config
 from .planning import GiB, meta_model, plan_device_map, resolve_device
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CUDA_CONTEXT = int(0.5 * GiB)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STRATEGIES = ("single", "device_map", "ddp", "fsdp", "zero2", "zero3")
@@ -50,15 +50,6 @@ PARTS = ("vision_encoder", "perceiver", "cross_attention", "lm_decoder", "embedd
 # ------------------------------------------------------------------------------------------------
 # Parameters
 # ------------------------------------------------------------------------------------------------
-def load_config(name: str):
-    """A configs/ name (`otter-9b-llama`), a folder with config.json, or a hub id."""
-    import otter  # noqa: F401  registers the otter model type
-    from transformers import AutoConfig
-
-    local = CONFIGS / name
-    return AutoConfig.from_pretrained(str(local) if (local / "config.json").exists() else name)
-
-
 def part_of(name: str) -> str:
     """Which of PARTS a parameter name belongs to."""
     if name.startswith("vision_encoder."):
@@ -466,7 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="flamingo-memory", description="Per-GPU memory of a Flamingo/Otter model (weights, gradients, AdamW "
         "state, activations, CUDA context), and whether it fits. See docs/memory.md for the assumptions.")
-    parser.add_argument("model", help="a configs/ name (otter-9b-llama), a folder with config.json, or a hub id")
+    parser.add_argument("model", help="a shipped config name (otter-9b-llama, openflamingo-9b-mpt7b, ...), a folder with config.json, or a hub id")
     parser.add_argument("--gpus", default="1x80GB", help="COUNTxSIZE, e.g. 4x24GB, 2x24GB, 1x80GB (GB = GiB)")
     parser.add_argument("--mode", choices=["inference", "training"], default="training")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")

@@ -556,4 +556,6 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
+register_published_layout(FlamingoConfig.model_type)
+
 __all__ = ["FlamingoModel", "FlamingoPreTrainedModel", "MediaCache", "register_published_layout"]

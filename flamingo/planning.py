@@ -4,7 +4,7 @@ A 9B model in bf16 (about 15.3 GiB) is too big for many single GPUs, so `from_pr
 splits it. Whether a split is good depends only on sizes and module boundaries, so it can be computed and checked
 on the meta device in a fraction of a second, on a machine with no GPU:
 
-    model = meta_model(FlamingoConfig.from_pretrained("configs/openflamingo-9b-llama"))
+    model = meta_model(flamingo.loading.load_config("openflamingo-9b-llama"))
     budget = {0: "22GiB", 1: "22GiB", "cpu": "64GiB"}
     device_map = plan_device_map(model, budget)  # what from_pretrained(device_map="auto") would do
     check_device_map(model, device_map, budget).raise_for_problems()

@@ -30,15 +30,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import BatchFeature, BitsAndBytesConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from flamingo.loading import load_model_and_processor
 from otter import OtterConfig, OtterModel, OtterProcessor
-from otter.generate import TINY_OTTER, has_weights, load_model, load_processor
+from otter.defaults import default_model, describe_default
 
 logger = logging.getLogger(__name__)
 
-# Where `otter-train` writes its model by default (relative to the working directory, as `--output-dir` is).
-TRAINED_TINY_OTTER = Path("outputs/otter-tiny/model")
 MAX_IMAGE_MB = 20
 MAX_IMAGE_SIDE = 8192
 UNTRAINED_MAX_NEW_TOKENS = 32  # an untrained model never writes <|endofchunk|>, so it always runs to the limit
@@ -307,32 +306,16 @@ def context_length(config: OtterConfig) -> int | None:
 
 
 # ---- loading and command-line arguments -----------------------------------------------------------
-def default_model() -> str:
-    """The model `otter-train` wrote with its defaults if it is there, else the tiny Otter's config (which
-    `load_model` turns into an untrained model)."""
-    return str(TRAINED_TINY_OTTER) if has_weights(TRAINED_TINY_OTTER) else str(TINY_OTTER)
-
-
 def load_chat_model(name: str | None = None, *, tokenizer: str | None = None, device_map: str | None = None,
                     dtype: str = "float32", load_in_8bit: bool = False) -> ChatModel:
-    """`otter-generate`'s loading (hub id, checkpoint folder, or a folder with only a config -> untrained model),
-    plus bitsandbytes 8-bit weights for the language model (the vision tower, perceiver and cross-attention stay
-    unquantized)."""
-    name = name or default_model()
-    trained = not Path(name).is_dir() or has_weights(Path(name))
-    if load_in_8bit:
-        if not trained:
-            raise ValueError(f"--load-in-8bit needs a checkpoint with weights; {name} has only a config")
-        model = OtterModel.from_pretrained(name, device_map=device_map or "auto", dtype=getattr(torch, dtype),
-                                           quantization_config=BitsAndBytesConfig(load_in_8bit=True)).eval()
-    else:
-        model = load_model(name, device_map, dtype)
-    return ChatModel(model, load_processor(name, tokenizer), name=name, trained=trained)
+    """The model (default: `otter.defaults.default_model()`) as `flamingo.loading` loads it, ready to chat."""
+    loaded = load_model_and_processor(name or default_model(), tokenizer=tokenizer, device_map=device_map, dtype=dtype,
+                                      load_in_8bit=load_in_8bit)
+    return ChatModel(loaded.model, loaded.processor, name=loaded.name, trained=loaded.trained)
 
 
 def add_model_arguments(parser: argparse._ActionsContainer) -> None:  # a parser or an argument group
-    parser.add_argument("--model", help=f"hub id or folder (default: {TRAINED_TINY_OTTER} if `otter-train` wrote it, "
-                        f"else an untrained tiny Otter from {TINY_OTTER.relative_to(TINY_OTTER.parents[1])})")
+    parser.add_argument("--model", help=f"hub id, folder or shipped config name (default: {describe_default()})")
     parser.add_argument("--tokenizer", help="base tokenizer to add Otter's tokens to (for checkpoints without one)")
     parser.add_argument("--device-map", help='e.g. "auto" to shard over the visible GPUs')
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

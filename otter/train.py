@@ -28,25 +28,25 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from otter import OtterConfig, OtterModel, OtterProcessor
+from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator
 from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import load_mixture
 from otter.data.toy import toy_dataset_paths
 from otter.distributed import configure_deepspeed, hide_zero3_from_transformers, make_accelerator
 from otter.evaluate import answer_accuracy
-from otter.generate import has_weights
+from flamingo.loading import has_weights, load_model, load_processor, resolve
+from otter.defaults import TINY_OTTER, record_trained_model
 
 logger = logging.getLogger(__name__)
-
-TINY_OTTER = Path(__file__).resolve().parents[1] / "configs" / "tiny-otter"
 
 
 # ---- command line ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", default=str(TINY_OTTER), help="hub id or folder; a folder with only a config trains from scratch")
+    add("--model", default=TINY_OTTER, help="hub id, folder or shipped config name; a config without weights trains "
+        "from scratch (default: the tiny Otter)")
     add("--tokenizer", help="base tokenizer for checkpoints that ship none (Otter's tokens are added)")
     add("--data", help="mixture file (YAML/JSON); default: the bundled toy dataset")
     add("--heldout", help="MIMIC-IT instructions JSON of the held-out split (images/train-config beside it)")
@@ -80,14 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- setup ----------------------------------------------------------------------------------------
 def load_model_and_processor(args: argparse.Namespace) -> tuple[OtterModel, OtterProcessor, bool]:
     """Returns (model, processor, from_scratch)."""
-    folder = Path(args.model)
-    from_scratch = folder.is_dir() and not has_weights(folder)
-    if from_scratch:
-        model = OtterModel(OtterConfig.from_pretrained(folder))
-    else:
-        model = OtterModel.from_pretrained(args.model, dtype=torch.float32)
-    processor = OtterProcessor.from_base_tokenizer(args.tokenizer) if args.tokenizer else OtterProcessor.from_pretrained(args.model)
-    return model, processor, from_scratch
+    source = resolve(args.model)
+    from_scratch = Path(source).is_dir() and not has_weights(source)
+    return load_model(source, seed=args.seed).train(), load_processor(source, tokenizer=args.tokenizer), from_scratch
 
 
 def configure_trainable(model: OtterModel, args: argparse.Namespace, from_scratch: bool) -> str:
@@ -363,6 +358,7 @@ def finish(accelerator, model, processor, heldout_set, args, step, train_seconds
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(model_dir, state_dict=state_dict)
             processor.save_pretrained(model_dir)
+            record_trained_model(model_dir)
             if args.push_to_hub:
                 OtterModel.from_pretrained(model_dir).push_to_hub(args.push_to_hub)
                 processor.push_to_hub(args.push_to_hub)

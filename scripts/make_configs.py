@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Write the model configs shipped in configs/: the tiny ones used by tests, examples and defaults, and the
-real 9B ones (OpenFlamingo-9B on LLaMA-7B and MPT-7B, Otter-9B), for planning and conversion.
+"""Write the model configs shipped in the packages' assets (flamingo/assets, otter/assets): the tiny ones used by
+tests, examples and defaults, and the real 9B ones (OpenFlamingo-9B on LLaMA-7B and MPT-7B, Otter-9B), for planning
+and conversion.
 
-    python scripts/make_configs.py [--out configs]
+    python scripts/make_configs.py
 """
 
 import argparse
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 from flamingo import FlamingoConfig
 from otter import OtterConfig
@@ -37,11 +40,11 @@ CONFIGS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "configs")
-    args = parser.parse_args()
+    parser.parse_args()
     for name, config in CONFIGS.items():
-        config.save_pretrained(args.out / name)
-        print(f"wrote {args.out / name / 'config.json'}")
+        folder = ROOT / config.model_type / "assets" / name  # each package ships its own model type's configs
+        config.save_pretrained(folder)
+        print(f"wrote {folder / 'config.json'}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Write the tiny processor folders used by the tests and the tiny models.
 
-* `OUT/tiny-tokenizer/`: the base tokenizer from `make_tiny_tokenizer.py`, without Flamingo's special tokens (what
-  a user's LLaMA tokenizer is to the published checkpoints).
-* `OUT/tiny-flamingo/` and `OUT/tiny-otter/`: processors built from it with `from_base_tokenizer` (so the special
+* `flamingo/assets/tiny-tokenizer/`: the base tokenizer from `make_tiny_tokenizer.py`, without Flamingo's special
+  tokens (what a user's LLaMA tokenizer is to the published checkpoints).
+* `flamingo/assets/tiny-flamingo/` and `otter/assets/tiny-otter/`: processors built from it with `from_base_tokenizer` (so the special
   tokens get the ids the add order gives them) and a `CLIPImageProcessor` for 32x32 images.
 
 The model `config.json` files in those folders are written elsewhere and left untouched. The output is deterministic:
 two runs give byte-identical files.
 
-Usage: python scripts/make_tiny_assets.py [--out configs]
+Usage: python scripts/make_tiny_assets.py
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from otter.processing_otter import OtterProcessor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parents[1]
 PROCESSORS = {"tiny-flamingo": FlamingoProcessor, "tiny-otter": OtterProcessor}
 
 
@@ -48,16 +49,16 @@ def write_processor(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("configs"), help="parent directory of the folders")
     parser.add_argument("--image-size", type=int, default=32, help="side of the square images the processors make")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     base = build_tokenizer()
-    base.save_pretrained(args.out / "tiny-tokenizer")
-    logger.info(f"{args.out / 'tiny-tokenizer'}: base tokenizer, {len(base)} tokens")
+    base.save_pretrained(ROOT / "flamingo/assets/tiny-tokenizer")
+    logger.info(f"flamingo/assets/tiny-tokenizer: base tokenizer, {len(base)} tokens")
     for name, processor_class in PROCESSORS.items():
-        write_processor(name, processor_class, base, args.out, args.image_size)
+        write_processor(name, processor_class, base, ROOT / processor_class.config_class.model_type / "assets",
+                        args.image_size)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ of that data tokenize into whole words rather than bytes.
 The Flamingo special tokens (`<|endofchunk|>`, `<image>`, ...) are deliberately NOT part of this tokenizer: like the
 published checkpoints, they are appended by `FlamingoProcessor.from_base_tokenizer`, which fixes their ids.
 
-Usage: python scripts/make_tiny_tokenizer.py --out configs/tiny-tokenizer
+Usage: python scripts/make_tiny_tokenizer.py --out flamingo/assets/tiny-tokenizer
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Convert instruction data (an OFA-style TSV, or a folder of images + a JSONL) to MIMIC-IT files, validate them and
-print statistics; also rebuilds the bundled toy dataset (`python scripts/prepare_data.py toy data/toy`).
+print statistics; also rebuilds the bundled toy dataset (`python scripts/prepare_data.py toy otter/assets/toy`).
 
 Same as the `otter-prepare-data` command and `otter.data.prepare.main`; see `--help`.
 """

@@ -26,9 +26,9 @@ from flamingo.planning import (
     plan_device_map,
     resolve_device,
 )
+from flamingo.loading import load_config
 from tiny_models import TINY_TEXT, TINY_VISION, VOCAB, batch, randomize_gates, tiny_config, tiny_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NINE_B = ["openflamingo-9b-llama", "otter-9b-llama", "openflamingo-9b-mpt7b", "otter-9b-mpt7b"]
 # 22 GiB of a 24 GiB card (RTX 3090/4090, A10/L4 class) leaves 2 GiB for the CUDA context (~0.5 GiB), activations
 # and the KV cache (LLaMA-7B, bf16: 0.5 MiB per token, 1 GiB for one 2048-token sequence, spread over the GPUs).
@@ -44,7 +44,7 @@ PLANNERS = {
 @functools.cache
 def nine_b(name: str) -> PreTrainedModel:
     """A 9B model in bf16 on the meta device (~0.2 s, no memory). Shared: tests must not modify it."""
-    return meta_model(AutoConfig.from_pretrained(CONFIGS / name))
+    return meta_model(load_config(name))
 
 
 def gpu_budget(count: int, per_gpu: str) -> dict:
@@ -98,7 +98,7 @@ def test_from_pretrained_plan_for_openflamingo_9b_on_two_24gb_gpus():
 def test_without_flamingo_layer_in_no_split_modules_a_block_leaves_its_decoder_layer():
     """Why `FlamingoLayer` is in `_no_split_modules`: with only the LM's decoder layer unsplittable, the balanced
     planner cuts between a cross-attention block and its decoder layer (layer 15 of 32 on 2 GPUs)."""
-    model = meta_model(AutoConfig.from_pretrained(CONFIGS / "openflamingo-9b-llama"))
+    model = meta_model(load_config("openflamingo-9b-llama"))
     model._no_split_modules = set(model._no_split_modules) - {"FlamingoLayer"}
     budget = gpu_budget(2, "22GiB")
     report = check_device_map(model, plan_device_map(model, budget), budget)

@@ -26,9 +26,9 @@ from flamingo.convert import (
     save_atomically,
 )
 from otter import OtterConfig, OtterModel
-from tiny_models import TINY_TEXT, TINY_VISION, randomize_gates
+from tiny_models import TINY_TEXT, TINY_TOKENIZER_DIR, TINY_VISION, randomize_gates
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "configs" / "tiny-tokenizer"
+TOKENIZER = TINY_TOKENIZER_DIR
 V = 591  # the tiny tokenizer's base vocabulary: <|endofchunk|> = V, <image> = V+1, then <PAD> (Otter: <answer>, <PAD>)
 EMBEDDING = {"llama": "model.embed_tokens", "mpt": "transformer.wte", "gpt_neox": "gpt_neox.embed_in"}
 LAYERS = {"llama": "model.layers", "mpt": "transformer.blocks", "gpt_neox": "gpt_neox.layers"}

@@ -21,14 +21,14 @@ from otter.data.samples import BadImageError, EncodedImage, InstructionSample
 from otter.data.shapes import BACKGROUND, COLOURS, draw_shape
 from otter.data.toy import ANSWERS, BUNDLED, QUESTION_TYPES, QUESTIONS, make_toy_dataset, toy_dataset_paths
 from otter.processing_otter import OtterProcessor
+from tiny_models import TINY_OTTER_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BOS, EOC, IMAGE, ANSWER, PAD = 1, 591, 592, 593, 594
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return OtterProcessor.from_pretrained(CONFIGS / "tiny-otter")
+    return OtterProcessor.from_pretrained(TINY_OTTER_DIR)
 
 
 def png(colour: str = "red", shape: str = "circle") -> bytes:

@@ -24,7 +24,7 @@ from otter.conversation import (
     load_chat_model,
     load_image,
 )
-from otter.generate import TINY_OTTER
+from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 from otter.processing_otter import build_prompt
 
 GREEDY = GenerationSettings(max_new_tokens=6, num_beams=1, no_repeat_ngram_size=0)
@@ -217,13 +217,21 @@ def test_generation_settings():
     assert GenerationSettings.from_args(parser.parse_args(["--max-new-tokens", "9"]), trained=False).max_new_tokens == 9
 
 
-def test_default_model_is_the_trained_one_when_present(tmp_path, monkeypatch):
+def test_default_model_is_the_one_otter_train_recorded_from_any_directory(tmp_path, monkeypatch):
+    from otter.defaults import record_trained_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    assert default_model() == str(TINY_OTTER)
-    model_dir = tmp_path / "outputs/otter-tiny/model"
+    assert default_model() == "tiny-otter"  # nothing recorded: the shipped config, untrained
+    model_dir = tmp_path / "run/model"
     model_dir.mkdir(parents=True)
+    record_trained_model(model_dir)
+    assert default_model() == "tiny-otter"  # recorded, but no weights in it (yet)
     (model_dir / "model.safetensors").touch()
-    assert default_model() == "outputs/otter-tiny/model"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert default_model() == str(model_dir.resolve())
 
 
 def test_load_in_8bit(chat, tmp_path):

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from otter.data.shapes import draw_shape
-from otter.generate import TINY_OTTER
+from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
 pytest.importorskip("gradio", reason="otter-demo needs gradio (pip install -e '.[demo]')")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs Playwright's client (pip install playwright)")

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer, CLIPImageProcessor
 
 from flamingo.processing_flamingo import FlamingoProcessor
 from otter.processing_otter import OTTER_CHAT_TEMPLATE, OtterProcessor, build_prompt
+from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, TINY_TOKENIZER_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The tiny models' vocab_size is BASE_VOCAB + 3 (Flamingo) / + 4 (Otter): these ids are a contract with them.
 BASE_VOCAB = 591
 FLAMINGO_IDS = {"<|endofchunk|>": 591, "<image>": 592, "<PAD>": 593}
@@ -22,17 +22,17 @@ BOS = 1
 
 @pytest.fixture(scope="module")
 def base_tokenizer():
-    return AutoTokenizer.from_pretrained(CONFIGS / "tiny-tokenizer")
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="module")
 def flamingo():
-    return FlamingoProcessor.from_pretrained(CONFIGS / "tiny-flamingo")
+    return FlamingoProcessor.from_pretrained(TINY_FLAMINGO_DIR)
 
 
 @pytest.fixture(scope="module")
 def otter():
-    return OtterProcessor.from_pretrained(CONFIGS / "tiny-otter")
+    return OtterProcessor.from_pretrained(TINY_OTTER_DIR)
 
 
 def image(colour: str, size: tuple[int, int] = (40, 48)) -> Image.Image:
@@ -77,13 +77,13 @@ def test_from_base_tokenizer_appends_special_tokens_then_pad_in_order(base_token
 
 @pytest.mark.parametrize("processor_class", [FlamingoProcessor, OtterProcessor])
 def test_from_base_tokenizer_accepts_a_path(processor_class, base_tokenizer):
-    from_path = processor_class.from_base_tokenizer(CONFIGS / "tiny-tokenizer", image_processor=tiny_image_processor())
+    from_path = processor_class.from_base_tokenizer(TINY_TOKENIZER_DIR, image_processor=tiny_image_processor())
     from_object = processor_class.from_base_tokenizer(base_tokenizer, image_processor=tiny_image_processor())
     assert from_path.tokenizer.get_added_vocab() == from_object.tokenizer.get_added_vocab()
 
 
 def test_from_base_tokenizer_keeps_an_existing_pad_token(base_tokenizer):
-    tokenizer = AutoTokenizer.from_pretrained(CONFIGS / "tiny-tokenizer", pad_token="</s>")
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR, pad_token="</s>")
     processor = FlamingoProcessor.from_base_tokenizer(tokenizer)
     assert processor.pad_token_id == 2
     assert len(processor.tokenizer) == len(base_tokenizer) + 2

@@ -218,7 +218,8 @@ def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
     from accelerate.utils import set_seed
 
     from otter import OtterConfig
-    from otter.train import TINY_OTTER, open_gates
+    from otter.train import open_gates
+    from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
     ddp_output, _ = ddp_run
     output = tmp_path / "accumulated"

@@ -1,8 +1,15 @@
 """Tiny Flamingo/Otter models built in code, for tests that must run in seconds on a CPU."""
 
+from pathlib import Path
+
 import torch
 
 from flamingo import FlamingoConfig, FlamingoModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAMINGO_DIR = ROOT / "flamingo" / "assets" / "tiny-flamingo"
+TINY_TOKENIZER_DIR = ROOT / "flamingo" / "assets" / "tiny-tokenizer"
+TINY_OTTER_DIR = ROOT / "otter" / "assets" / "tiny-otter"
 
 VOCAB = 100  # ids 97, 98, 99 = <|endofchunk|>, <image>, <PAD> (appended in the published order)
 EOC, IMAGE, PAD = 97, 98, 99

@@ -3,7 +3,7 @@
     otter-prepare-data tsv vqa.tsv out/vqa                          # OFA-style multi_instruct TSV
     otter-prepare-data folder photos/ instructions.jsonl out/mine   # a folder of images + a JSONL of instructions
     otter-prepare-data validate out/mine                            # check existing MIMIC-IT files
-    otter-prepare-data toy data/toy                                 # (re)build the bundled toy dataset
+    otter-prepare-data toy otter/assets/toy                         # (re)build the bundled toy dataset
 
 Every command writes (or reads) `instructions.json`, `images.json` and `train_config.json` in the output folder, then
 loads them with `MimicItDataset`, decodes every image and prints: usable rows, bad rows by reason, distinct images,
@@ -191,7 +191,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     check = commands.add_parser("validate", help="validate MIMIC-IT files written by this tool")
     check.add_argument("folder", type=Path, help="folder with instructions.json, images.json, train_config.json")
     toy = commands.add_parser("toy", help="build the toy dataset (train and heldout splits)")
-    toy.add_argument("out", type=Path, help="folder to write the splits into (the bundled copy: data/toy)")
+    toy.add_argument("out", type=Path, help="folder to write the splits into (the bundled copy: otter/assets/toy)")
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--num-train", type=int, default=3000)
     toy.add_argument("--num-heldout", type=int, default=200)

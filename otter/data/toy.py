@@ -46,7 +46,7 @@ QUESTION_TYPES = {question: kind for kind, question in QUESTIONS.items()}  # for
 SPLITS = ("train", "heldout")
 NUM_IN_CONTEXT = 2
 # The committed copy (`python scripts/prepare_data.py toy`) of `make_toy_dataset` with its defaults.
-BUNDLED = Path(__file__).resolve().parents[2] / "data" / "toy"
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "toy"
 
 
 def _uniform(rng: random.Random, low: float, high: float) -> float:
@@ -182,7 +182,7 @@ def default_cache_dir() -> Path:
 def toy_dataset_paths(root: str | os.PathLike | None = None) -> dict[str, dict[str, Path]]:
     """The toy dataset's files per split, as `MimicItDataset` keyword arguments: `MimicItDataset(**paths["train"])`.
 
-    `root` defaults to the committed copy in the repository's `data/toy`, or, when that is absent, to
+    `root` defaults to the copy shipped in the package (`otter/assets/toy`), or, when that is absent, to
     `default_cache_dir()`; a root without the files gets them built there (with the defaults) on first use.
     """
     root = Path(root) if root is not None else BUNDLED if BUNDLED.is_dir() else default_cache_dir()

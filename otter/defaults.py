@@ -1,0 +1,55 @@
+"""Where Otter's commands find their model when none is named.
+
+The rule: `otter-train` writes its model to `<--output-dir>/model` (default `outputs/otter-tiny/model` under the
+current directory) and, when it finishes, records that folder's absolute path in `~/.cache/otter/last-model`
+(`$XDG_CACHE_HOME/otter/last-model`). `otter-generate`, `otter-chat`, `otter-demo` and `otter-serve`, run from
+anywhere, use the recorded model while it still has weights, else the untrained tiny Otter (`tiny-otter`, the config
+shipped in the package, with random weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TINY_OTTER = "tiny-otter"
+DEFAULT_OUTPUT_DIR = Path("outputs/otter-tiny")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "otter"
+
+
+def record_trained_model(folder: str | os.PathLike) -> None:
+    """Called by `otter-train` once its model is saved; a cache that cannot be written only costs the default."""
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        (cache_dir() / "last-model").write_text(str(Path(folder).resolve()) + "\n")
+    except OSError as error:
+        logger.warning("could not record the trained model in %s: %s", cache_dir(), error)
+
+
+def last_trained_model() -> Path | None:
+    record = cache_dir() / "last-model"
+    if not record.is_file():
+        return None
+    folder = Path(record.read_text().strip())
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
+def default_model() -> str:
+    """The model the last `otter-train` wrote, if it is still there; else the untrained tiny Otter."""
+    trained = last_trained_model()
+    return str(trained) if trained is not None else TINY_OTTER
+
+
+def describe_default() -> str:
+    """For `--model`'s help text."""
+    return "the model the last otter-train wrote, else an untrained tiny Otter"
+
+
+__all__ = ["DEFAULT_OUTPUT_DIR", "TINY_OTTER", "default_model", "describe_default", "last_trained_model",
+           "record_trained_model"]
