@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import recipes
 from .loading import load_config
 from .planning import GiB, meta_model, plan_device_map, resolve_device
 
@@ -63,16 +64,6 @@ def part_of(name: str) -> str:
     return "embeddings_head"
 
 
-def lora_parameters(model: nn.Module, r: int = 16) -> int:
-    """LoRA as otter-train injects it: rank r on q_proj and v_proj (MPT: its fused Wqkv) of every decoder layer."""
-    pattern = re.compile(r".*\.decoder_layer\..*\.(q_proj|v_proj|query_key_value|Wqkv)$")
-    return sum(
-        r * (module.in_features + module.out_features)
-        for name, module in model.lang_encoder.named_modules()
-        if isinstance(module, nn.Linear) and pattern.match(name)
-    )
-
-
 @dataclass
 class ParameterCounts:
     total: dict[str, int]
@@ -89,16 +80,14 @@ class ParameterCounts:
 
 
 def count_parameters(model: nn.Module, trainable: str = "otter") -> ParameterCounts:
-    """Total and trainable parameters per part, with the training script's rules (`otter`, `all`, `lora`)."""
-    if trainable not in ("otter", "all", "lora"):
-        raise ValueError(f"trainable must be otter, all or lora, got {trainable!r}")
-    model.set_trainable(language_model=trainable == "all", vision_encoder=trainable == "all")
+    """Total and trainable parameters per part, with the training recipes' sets (`flamingo.recipes`)."""
+    recipes.freeze_for(model, trainable)
     total, train = defaultdict(int), defaultdict(int)
     for name, parameter in model.named_parameters():
         total[part_of(name)] += parameter.numel()
         if parameter.requires_grad:
             train[part_of(name)] += parameter.numel()
-    lora = lora_parameters(model) if trainable == "lora" else 0
+    lora = recipes.lora_parameter_count(model) if trainable == "lora" else 0
     return ParameterCounts({p: total[p] for p in PARTS}, {p: train[p] for p in PARTS}, lora)
 
 
@@ -465,7 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=512, help="text tokens per sample")
     parser.add_argument("--images", type=int, default=1, help="images per sample")
     parser.add_argument("--strategy", choices=STRATEGIES, default="single")
-    parser.add_argument("--trainable", choices=["otter", "all", "lora"], default="otter")
+    parser.add_argument("--trainable", choices=recipes.TRAINABLE_SETS, default="otter")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
                         help="8-bit weights (bitsandbytes) for the LM decoder layers")

@@ -37,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
+from .recipes import FP32_MODULES
 
 logger = logging.get_logger(__name__)
 
@@ -355,7 +356,7 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     # (its lm_head is kept by transformers' own default). These are the frozen vision tower and the parts Otter and
     # OpenFlamingo train. Patterns match from the start of a module or parameter name. Side effect: a load with
     # dtype=torch.float16 keeps these modules in fp32 (bf16 loads are unaffected).
-    _keep_in_fp32_modules = ["vision_encoder", "perceiver", r".*\.gated_cross_attn_layer"]
+    _keep_in_fp32_modules = FP32_MODULES
     _supports_sdpa = True
     _supports_flash_attn = True
     # Buffers that older transformers saved (LLaMA's rotary `inv_freq`, CLIP's `position_ids`), and the

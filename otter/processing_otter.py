@@ -8,16 +8,34 @@ model writes the answer and closes the chunk with `<|endofchunk|>`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from string import Template
 
 from flamingo.processing_flamingo import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, FlamingoProcessor
 
 from .configuration_otter import OtterConfig
 
 ANSWER_TOKEN = "<answer>"
+# Otter's prompt format, defined once: `build_prompt` writes it in Python and the chat template below is made from
+# the same pieces. A chunk is `<image>` markers, USER + question, ASSISTANT + " " + answer, `<|endofchunk|>`.
+USER = "User: "
+ASSISTANT = f" GPT:{ANSWER_TOKEN}"
 
-# Renders the same string as `build_prompt`: a user turn is its images' markers (Otter puts the image first) and
-# "User: {text}"; an assistant turn completes the chunk; the generation prompt opens the answer.
-OTTER_CHAT_TEMPLATE = """\
+
+def chunk(question: str, answer: str | None = None, images: int = 1) -> str:
+    """One chunk of Otter's format; without `answer`, the open chunk that asks the model for one."""
+    opened = f"{MEDIA_TOKEN * images}{USER}{question}{ASSISTANT}"
+    return opened if answer is None else f"{opened} {answer}{ENDOFCHUNK_TOKEN}"
+
+
+def build_prompt(question: str, examples: Sequence[tuple[str, str]] = ()) -> str:
+    """Otter's inference prompt: one chunk per in-context `(question, answer)` example, then the query chunk open at
+    `GPT:<answer>`. Every chunk takes one image, so the prompt needs `len(examples) + 1` images, query's last."""
+    return "".join(chunk(q, a) for q, a in examples) + chunk(question)
+
+
+# Renders what `chunk` writes: a user turn is its images' markers (Otter puts the image first) and USER + text; an
+# assistant turn completes the chunk; the generation prompt opens the answer.
+OTTER_CHAT_TEMPLATE = Template("""\
 {%- for message in messages -%}
     {%- if message['content'] is string -%}
         {%- set items = [{'type': 'text', 'text': message['content']}] -%}
@@ -26,24 +44,17 @@ OTTER_CHAT_TEMPLATE = """\
     {%- endif -%}
     {%- set text = items | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}
     {%- if message['role'] == 'user' -%}
-        {{- '<image>' * (items | selectattr('type', 'equalto', 'image') | list | length) + 'User: ' + text -}}
+        {{- '$media' * (items | selectattr('type', 'equalto', 'image') | list | length) + '$user' + text -}}
     {%- elif message['role'] == 'assistant' -%}
-        {{- ' GPT:<answer> ' + text + '<|endofchunk|>' -}}
+        {{- '$assistant ' + text + '$endofchunk' -}}
     {%- else -%}
         {{- raise_exception('Otter conversations have only user and assistant turns, got ' + message['role']) -}}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
-    {{- ' GPT:<answer>' -}}
+    {{- '$assistant' -}}
 {%- endif -%}
-"""
-
-
-def build_prompt(question: str, examples: Sequence[tuple[str, str]] = ()) -> str:
-    """Otter's inference prompt: one chunk per in-context `(question, answer)` example, then the query chunk open at
-    `GPT:<answer>`. Every chunk takes one image, so the prompt needs `len(examples) + 1` images, query's last."""
-    shots = "".join(f"{MEDIA_TOKEN}User: {q} GPT:{ANSWER_TOKEN} {a}{ENDOFCHUNK_TOKEN}" for q, a in examples)
-    return f"{shots}{MEDIA_TOKEN}User: {question} GPT:{ANSWER_TOKEN}"
+""").substitute(media=MEDIA_TOKEN, user=USER, assistant=ASSISTANT, endofchunk=ENDOFCHUNK_TOKEN)
 
 
 class OtterProcessor(FlamingoProcessor):
@@ -66,4 +77,4 @@ class OtterProcessor(FlamingoProcessor):
         return super()._answer_ids(ids)
 
 
-__all__ = ["OTTER_CHAT_TEMPLATE", "OtterProcessor", "build_prompt"]
+__all__ = ["OTTER_CHAT_TEMPLATE", "OtterProcessor", "build_prompt", "chunk"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from otter.data.collate import IGNORE_INDEX, OtterCollator, build_labels
+from otter.data.collate import IGNORE_INDEX, OtterCollator, UsableSamples, build_labels
 from otter.data.mimicit import MimicItDataset, mimicit_paths
 from otter.data.mixture import WeightedMixture, load_mixture
 from otter.data.multi_instruct import MultiInstructDataset
@@ -274,7 +274,7 @@ def test_labels_supervise_exactly_the_answers_and_their_endofchunk(processor):
 
 def test_collator_batch_pads_right_and_masks_padding(processor):
     zero_shot = InstructionSample("zero-shot", [("What shape is it?", "circle")], [draw_shape("circle", "blue")])
-    batch = OtterCollator(processor)([ONE_SHOT, zero_shot])
+    batch = collate(processor, [ONE_SHOT, zero_shot])
     padding = len(ONE_SHOT_IDS) - 14
     assert batch["input_ids"][0].tolist() == ONE_SHOT_IDS
     assert batch["input_ids"][1].tolist() == [BOS, *ONE_SHOT_IDS[15:], *[PAD] * padding]
@@ -300,34 +300,46 @@ def three_shot() -> InstructionSample:
     )
 
 
+def collate(processor, samples, max_length=512):
+    usable = UsableSamples(samples, processor, max_length=max_length)
+    return OtterCollator(processor)([usable[i] for i in range(len(samples))])
+
+
 def test_truncation_drops_whole_chunks_from_the_front(processor):
-    full = OtterCollator(processor)([three_shot()])
+    full = collate(processor, [three_shot()])
     chunk = 14  # tokens per chunk: <image> User : What colour is the shape ? GPT : <answer> colour <eoc>
     assert full["input_ids"].shape[1] == 1 + 4 * chunk
-    collator = OtterCollator(processor, max_length=1 + 2 * chunk + 5)
-    batch = collator([three_shot()])
+    usable = UsableSamples([three_shot()], processor, max_length=1 + 2 * chunk + 5)
+    batch = OtterCollator(processor)([usable[0]])
     ids = batch["input_ids"][0]
     assert ids.tolist() == [BOS, *full["input_ids"][0, 1 + 2 * chunk :].tolist()], "query and the last example kept"
     assert (ids == IMAGE).sum() == batch["vision_x"].shape[1] == 2
     assert torch.equal(batch["vision_x"][0], full["vision_x"][0, 2:]), "each <image> keeps its own image"
     assert batch["labels"][0].tolist().count(EOC) == 2
-    assert collator.shortened == 1 and not collator.dropped
+    assert usable.shortened == 1 and not usable.dropped
 
 
-def test_query_longer_than_max_length_is_dropped_and_counted(processor):
-    collator = OtterCollator(processor, max_length=10)
-    assert collator([three_shot(), ONE_SHOT]) is None
-    assert collator.dropped == Counter(too_long=2)
-    assert "2 samples dropped" in collator.summary()
+def test_a_sample_that_is_too_long_is_replaced_by_the_next_usable_one(processor):
+    long_query = InstructionSample("long", [("What colour is the shape? " * 20, "red")], [draw_shape("circle", "red")])
+    usable = UsableSamples([long_query, ONE_SHOT], processor, max_length=40)
+    assert usable[0].sample_id == ONE_SHOT.sample_id and usable[1].sample_id == ONE_SHOT.sample_id
+    assert usable.dropped == Counter(too_long=1)
+    assert "1 samples set aside" in usable.summary()
 
 
-def test_undecodable_images_are_dropped_at_collate_time_and_counted(processor, mimicit):
+def test_no_usable_sample_is_an_error_not_an_endless_loop(processor):
+    usable = UsableSamples([three_shot(), ONE_SHOT], processor, max_length=10)
+    with pytest.raises(ValueError, match=r"no sample of the 2 in the training set is usable \(too_long: 2; max_length 10\)"):
+        usable[1]
+
+
+def test_undecodable_images_are_set_aside_when_read_and_counted(processor, mimicit):
     dataset = MimicItDataset(**mimicit)
-    collator = OtterCollator(processor)
-    batch = collator([dataset[0], dataset[4], dataset[5]])
-    assert batch["input_ids"].shape[0] == 1
-    assert collator.dropped == Counter(bad_base64=1, unreadable_image=1)
-    assert collator([dataset[4]]) is None, "a batch without any usable sample is None"
+    usable = UsableSamples([dataset[4], dataset[5], dataset[0]], processor)
+    assert usable[0].sample_id == dataset[0].sample_id, "samples 4 and 5 are skipped over"
+    assert usable.dropped == Counter(bad_base64=1, unreadable_image=1)
+    with pytest.raises(ValueError, match="no sample of the 1 in the training set is usable"):
+        UsableSamples([dataset[4]], processor)[0]
 
 
 # --- mixtures --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 checkpointing and bf16 autocast, and 2-process DDP/FSDP/DeepSpeed ZeRO-2 and ZeRO-3 runs."""
 
 import json
+import shutil
 import math
 import os
 import re
@@ -90,7 +91,7 @@ def deepspeed_importable() -> None:
 def test_trainable_sets(trainable):
     from argparse import Namespace
 
-    from otter.train import configure_trainable
+    from otter.training import configure_trainable
     from tiny_models import tiny_model
 
     model = tiny_model()
@@ -106,7 +107,8 @@ def test_short_run_writes_everything(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and 0 <= summary["heldout_accuracy"] <= 1 and 0 <= summary["blank_image_accuracy"] <= 1
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    # every 2 steps, the last step always, the newest 2 kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     losses = logged_losses(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses[6] < losses[1]
     assert (tmp_path / "loss.png").stat().st_size > 0 and list((tmp_path / "runs").rglob("events.out.tfevents*"))
@@ -183,7 +185,8 @@ def test_deepspeed_zero_matches_ddp_resumes_and_saves_a_loadable_model(deepspeed
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
     assert OtterModel.from_pretrained(output / "model").config.model_type == "otter"  # gathered under ZeRO-3
     assert max_difference(saved_weights(output), saved_weights(ddp_output)) < 1e-4
-    assert (output / "checkpoints" / "step-000002").is_dir()
+    assert (output / "checkpoints" / "step-000002").is_dir() and (output / "checkpoints" / "step-000004").is_dir()
+    shutil.rmtree(output / "checkpoints" / "step-000004")  # as if the run had been killed after step 3
 
     resumed = run_train(output, *TWO_PROCESS_RUN, "--mixed-precision", "no", "--resume", "--eval-samples", "0",
                         launcher=launcher)
@@ -218,7 +221,7 @@ def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
     from accelerate.utils import set_seed
 
     from otter import OtterConfig
-    from otter.train import open_gates
+    from otter.training import open_gates
     from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
     ddp_output, _ = ddp_run

@@ -1,8 +1,9 @@
 """Batches for training Otter: prompt text, decoded images, and labels on the answers only.
 
-The collator is where images are decoded and sequences are fitted to `max_length`, so it is also where the samples
-that cannot be used are dropped: an undecodable image, or a query chunk longer than `max_length` on its own. A batch
-whose samples are all dropped comes back as `None` (see `OtterCollator.__call__`).
+`UsableSamples` is where images are decoded and sequences are fitted to `max_length`, so it is also where the
+samples that cannot be used are set aside: an undecodable image, or a query chunk longer than `max_length` on its
+own. Such a sample is counted and replaced by the next usable one, so the collator always gets full batches (every
+process of a distributed run steps together) and a dataset with nothing usable is an error, never an endless loop.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -43,37 +45,48 @@ def build_labels(input_ids: torch.Tensor, processor: OtterProcessor) -> torch.Te
     return labels
 
 
-class OtterCollator:
-    """Turns `InstructionSample`s into `input_ids`, `attention_mask`, `vision_x` `(B, T_img, 1, 3, H, W)` and
-    `labels`, padded on the right (each row's positions start at 0, as in training without `position_ids`).
+@dataclass(frozen=True)
+class PreparedSample:
+    """A sample ready to batch: its training text (fitted to `max_length`) and its decoded images."""
+
+    sample_id: str
+    text: str
+    images: list[Image.Image]
+
+
+class UsableSamples(torch.utils.data.Dataset):
+    """`dataset`'s `InstructionSample`s as `PreparedSample`s.
 
     A sample longer than `max_length` tokens loses in-context chunks from the front, whole chunks with their
-    images, until it fits, so `<image>` tokens and images stay paired; if its query chunk alone is too long it is
-    dropped. Samples whose images cannot be decoded are dropped too. Drops are logged and counted in `dropped` (by
-    reason: `too_long`, `bad_base64`, `unreadable_image`), shortened samples in `shortened`; `summary()` logs both.
-    These counters live in the process that collates: with DataLoader workers, each worker has its own copies.
+    images, until it fits, so `<image>` tokens and images stay paired. A sample whose query chunk alone is too long,
+    or whose images cannot be decoded, is replaced by the next usable sample (index + 1, + 2, ...: deterministic, so
+    resuming repeats the same batches); it is logged and counted in `dropped` by reason (`too_long`, `bad_base64`,
+    `unreadable_image`), shortened samples in `shortened`. The counters live in the process that reads: with
+    DataLoader workers, each worker has its own copies.
 
     Args:
-        processor: the Otter processor (tokenizer with `<image>`, `<answer>`, `<|endofchunk|>`, `<PAD>`).
+        dataset: a dataset of `InstructionSample`s.
+        processor: the Otter processor (its tokenizer measures lengths).
         max_length: the most tokens of a row, BOS included.
     """
 
-    def __init__(self, processor: OtterProcessor, max_length: int = 512):
-        self.processor = processor
-        self.max_length = max_length
+    def __init__(self, dataset: torch.utils.data.Dataset, processor: OtterProcessor, max_length: int = 512):
+        if len(dataset) == 0:
+            raise ValueError("the training set is empty")
+        self.dataset, self.processor, self.max_length = dataset, processor, max_length
         self.dropped: Counter[str] = Counter()
         self.shortened = 0
 
-    def __call__(self, samples: Sequence[InstructionSample]) -> dict[str, torch.Tensor] | None:
-        """The batch, or None if no sample of `samples` is usable: the training loop must then skip the step (on
-        every process at once, when training on several: a process that skips while others run backward hangs)."""
-        prepared = [pair for pair in map(self._prepare, samples) if pair is not None]
-        if not prepared:
-            logger.warning("All %d samples of a batch were dropped; the batch is None", len(samples))
-            return None
-        texts, images = zip(*prepared)
-        batch = self.processor(text=list(texts), images=list(images), padding_side="right", return_tensors="pt")
-        return {**batch, "labels": build_labels(batch["input_ids"], self.processor)}
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> PreparedSample:
+        for offset in range(len(self)):
+            prepared = self._prepare(self.dataset[(index + offset) % len(self)])
+            if prepared is not None:
+                return prepared
+        raise ValueError(f"no sample of the {len(self)} in the training set is usable "
+                         f"({describe_counts(self.dropped)}; max_length {self.max_length})")
 
     def fit(self, sample: InstructionSample) -> InstructionSample | None:
         """`sample` without as many leading in-context chunks as needed to fit `max_length`, or None if even the
@@ -85,28 +98,36 @@ class OtterCollator:
         return None
 
     def summary(self) -> str:
-        """One line on the samples dropped and shortened so far (call it at the end of an epoch); logged and
-        returned."""
-        line = f"collator: {self.dropped.total()} samples dropped, {self.shortened} shortened to {self.max_length} tokens"
-        if self.dropped:
-            line += f" ({describe_counts(self.dropped)})"
-        logger.info(line)
-        return line
+        """One line on the dataset and the samples set aside and shortened so far (logged once per epoch)."""
+        name = self.dataset.summary() if hasattr(self.dataset, "summary") else f"{len(self)} samples"
+        line = f"{name}; {self.dropped.total()} samples set aside, {self.shortened} shortened to {self.max_length} tokens"
+        return line + (f" ({describe_counts(self.dropped)})" if self.dropped else "")
 
-    def _prepare(self, sample: InstructionSample) -> tuple[str, list[Image.Image]] | None:
-        """The training text and decoded images of `sample` fitted to `max_length`, or None if it is dropped."""
+    def _prepare(self, sample: InstructionSample) -> PreparedSample | None:
         fitted = self.fit(sample)
         if fitted is None:
-            self._drop(sample, "too_long", f"its query alone is longer than {self.max_length} tokens")
-            return None
+            return self._drop(sample, "too_long", f"its query alone is longer than {self.max_length} tokens")
+        try:
+            images = fitted.load_images()
+        except BadImageError as error:
+            return self._drop(sample, error.reason, str(error))
         if len(fitted.chunks) < len(sample.chunks):
             self.shortened += 1
-        try:
-            return fitted.training_text(), fitted.load_images()
-        except BadImageError as error:
-            self._drop(sample, error.reason, str(error))
-            return None
+        return PreparedSample(sample.sample_id, fitted.training_text(), images)
 
     def _drop(self, sample: InstructionSample, reason: str, message: str) -> None:
         self.dropped[reason] += 1
-        logger.warning("Dropped sample %s: %s", sample.sample_id, message)
+        logger.warning("Set aside sample %s: %s", sample.sample_id, message)
+
+
+class OtterCollator:
+    """`PreparedSample`s -> `input_ids`, `attention_mask`, `vision_x` `(B, T_img, 1, 3, H, W)` and `labels`,
+    padded on the right (each row's positions start at 0, as in training without `position_ids`)."""
+
+    def __init__(self, processor: OtterProcessor):
+        self.processor = processor
+
+    def __call__(self, samples: Sequence[PreparedSample]) -> dict[str, torch.Tensor]:
+        batch = self.processor(text=[s.text for s in samples], images=[s.images for s in samples],
+                               padding_side="right", return_tensors="pt")
+        return {**batch, "labels": build_labels(batch["input_ids"], self.processor)}

@@ -89,7 +89,7 @@ class WeightedMixture(torch.utils.data.Dataset):
         return sum((getattr(d, "bad_rows", Counter()) for d in self.datasets), Counter())
 
     def summary(self) -> str:
-        """The components' summaries and how many draws each got; logged and returned."""
+        """The components' summaries and how many draws each got."""
         draws = torch.bincount(self.components, minlength=len(self.datasets)).tolist()
         lines = [f"mixture: {len(self)} samples per epoch"]
         for dataset, count in zip(self.datasets, draws, strict=True):
@@ -97,7 +97,6 @@ class WeightedMixture(torch.utils.data.Dataset):
                 dataset.summary() if hasattr(dataset, "summary") else f"{type(dataset).__name__} of {len(dataset)}"
             )
             lines.append(f"  {count} draws from {described}")
-        logger.info("\n".join(lines))
         return "\n".join(lines)
 
 

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from flamingo.processing_flamingo import ENDOFCHUNK_TOKEN
-
-from ..processing_otter import build_prompt
+from ..processing_otter import build_prompt, chunk
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +106,7 @@ class InstructionSample:
     def training_text(self) -> str:
         """The full text the model is trained on: the prompt completed with the query's answer, equal to the chat
         template rendered with every assistant turn."""
-        return f"{self.prompt()} {self.answer}{ENDOFCHUNK_TOKEN}"
+        return "".join(chunk(question, answer) for question, answer in self.chunks)
 
     def load_images(self) -> list[Image.Image]:
         """Decode the images, one per chunk; raises `BadImageError` for one that cannot be read."""
@@ -140,11 +138,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         return self.samples[index]
 
     def summary(self) -> str:
-        """One line on the samples and skipped rows; logged, and returned for a progress display."""
+        """One line on the samples and skipped rows."""
         line = f"{self.name}: {len(self)} samples, {self.bad_rows.total()} bad rows skipped"
         if self.bad_rows:
             line += f" ({describe_counts(self.bad_rows)})"
-        logger.info(line)
         return line
 
 
