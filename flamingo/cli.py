@@ -29,6 +29,14 @@ NOISY_LOGGERS = (
     "accelerate.accelerator",
     "httpx",
 )
+# Optional back-ends and the extra that installs each (pyproject.toml): a command that needs one and finds it missing
+# says which extra to install.
+EXTRAS = {
+    "gradio": "demo", "peft": "train", "matplotlib": "train", "tensorboard": "train", "pandas": "train",
+    "pyarrow": "train", "yaml": "train", "bitsandbytes": "quantization", "torchao": "quantization",
+    "deepspeed": "deepspeed", "fastapi": "serve", "uvicorn": "serve", "openai": "serve", "pycocoevalcap": "eval",
+    "sklearn": "eval", "lmms_eval": "eval",
+}
 NOISY_WARNINGS = (
     r".*is an Enum subclass and is now natively supported.*",
     r".*TRANSFORMERS_CACHE.*",
@@ -50,6 +58,9 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def one_line(error: BaseException) -> str:
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS:
+        extra = EXTRAS[error.name.split(".")[0]]
+        return f"this needs {error.name}, which is not installed: pip install \"flamingo-otter-hf[{extra}]\""
     message = " ".join(str(error).split()) or type(error).__name__
     return message if isinstance(error, (ValueError, FileNotFoundError, OSError)) else f"{type(error).__name__}: {message}"
 

@@ -1,14 +1,13 @@
+import os
+import tempfile
+
 import pytest
 
 from tiny_models import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="session")
-def isolated_cache(tmp_path_factory):
-    """Commands record the model otter-train wrote under $XDG_CACHE_HOME: keep the user's cache out of the tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
+# otter-train records the model it wrote under $XDG_CACHE_HOME, and the other commands read it: keep the user's cache
+# out of the tests, subprocesses included (set before any test module builds an environment from os.environ).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="otter-tests-cache-")
 
 
 @pytest.fixture

@@ -14,6 +14,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_vs_referen
 SYSTEMS = ["bare LM", "ours", "OpenFlamingo", "IDEFICS"]
 
 
+pytestmark = pytest.mark.slow  # builds four systems and runs a benchmark round
+
+
 @pytest.fixture(scope="module")
 def report() -> str:
     for module in ("open_flamingo", "einops_exts"):

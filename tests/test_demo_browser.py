@@ -25,7 +25,8 @@ from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 pytest.importorskip("gradio", reason="otter-demo needs gradio (pip install -e '.[demo]')")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs Playwright's client (pip install playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -102,6 +102,7 @@ def test_trainable_sets(trainable):
     assert any(n.endswith("self_attn.q_proj.weight") for n in trained) == (trainable == "all")
 
 
+@pytest.mark.slow
 def test_short_run_writes_everything(tmp_path):
     result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,6 +118,7 @@ def test_short_run_writes_everything(tmp_path):
     assert "held-out accuracy" in result.stdout
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path):
     steps = ["--max-steps", "60", "--save-every", "1000"]  # long enough that SIGTERM lands mid-run
     reference = run_train(tmp_path / "uninterrupted", *steps)
@@ -145,6 +147,7 @@ def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp_on_two_processes_agree_and_save_a_loadable_model(tmp_path, ddp_run):
     losses, held = {}, {}
     ddp_output, ddp_stderr = ddp_run
@@ -164,6 +167,7 @@ def test_ddp_and_fsdp_on_two_processes_agree_and_save_a_loadable_model(tmp_path,
         assert losses["fsdp"][step] == pytest.approx(loss, rel=1e-4), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_matches_ddp_resumes_and_saves_a_loadable_model(deepspeed_importable, tmp_path, ddp_run, stage):
     """fp32: otter-train's `--mixed-precision no` overrides the config's bf16 (bf16 has a test of its own)."""
@@ -198,6 +202,7 @@ def test_deepspeed_zero_matches_ddp_resumes_and_saves_a_loadable_model(deepspeed
         assert again[step] == pytest.approx(losses[step], abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_deepspeed_bf16_as_configured(deepspeed_importable, tmp_path, ddp_run):
     """The shipped ZeRO-3 config unchanged: DeepSpeed's bf16 engine (bf16 weights and activations, fp32 master
     weights)."""
@@ -214,6 +219,7 @@ def test_deepspeed_bf16_as_configured(deepspeed_importable, tmp_path, ddp_run):
     assert model.dtype == torch.bfloat16 and model.config.model_type == "otter"
 
 
+@pytest.mark.slow
 def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
     """Two batches of 4 accumulated on one process are the two processes' batches of 4 under DDP (accelerate deals
     batches to processes in turn), and both average the two batches' gradients: the same updates. Stepping at every
@@ -237,6 +243,7 @@ def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
     assert max_difference(accumulated, ddp) < 1e-5
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     steps = ["--max-steps", "3", "--save-every", "0", "--eval-samples", "0"]
     runs = {}
