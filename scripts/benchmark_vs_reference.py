@@ -4,7 +4,8 @@
 Systems (all built here with random weights, nothing downloaded):
   bare LM       LlamaForCausalLM: the decoder alone, no images (the ceiling)
   ours          FlamingoModel, converted by flamingo.convert from the OpenFlamingo checkpoint below
-  OpenFlamingo  open_flamingo 2.0.1 built by its own factory (pip install --no-deps open-flamingo==2.0.1 einops-exts)
+  OpenFlamingo  open_flamingo 2.0.1 built by its own factory (reference_factory.py beside this script;
+                pip install --no-deps open-flamingo==2.0.1 einops-exts)
   IDEFICS       transformers' IdeficsForVisionText2Text at the same sizes (its own random weights)
 
 Workloads: one forward pass; one training step (forward, backward, AdamW) with only the perceiver and the gated
@@ -23,8 +24,6 @@ whether greedy generation gives the same tokens are printed.
 import argparse
 import ctypes
 import gc
-import inspect
-import json
 import logging
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from reference_factory import build_open_flamingo, open_gates, release_checkpoint, save_open_clip
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaTokenizerFast
 
@@ -88,71 +88,6 @@ def save_language_model(folder: Path, sizes: Sizes, generator: torch.Generator) 
         for parameter in lm.parameters():
             parameter.normal_(0, 0.02, generator=generator)
     lm.save_pretrained(folder)
-
-
-def save_open_clip(folder: Path, sizes: Sizes) -> tuple[Path, Path]:
-    """An open_clip ViT shaped like OpenAI's (QuickGELU), whose patch tokens come before ln_post as in training."""
-    import open_clip
-
-    config = {
-        "embed_dim": 64, "quick_gelu": True,
-        "vision_cfg": {"image_size": sizes.image_size, "layers": sizes.vit_layers, "width": sizes.vit_width,
-                       "head_width": sizes.vit_head_width, "patch_size": sizes.patch_size, "final_ln_after_pool": True},
-        "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-    }
-    config_path = folder / f"{CLIP_NAME}.json"
-    config_path.write_text(json.dumps(config))
-    open_clip.add_model_config(config_path)
-    weights = folder / "open_clip.pt"
-    torch.save(open_clip.create_model(CLIP_NAME, pretrained=None).state_dict(), weights)
-    return config_path, weights
-
-
-def patch_open_flamingo_for_transformers_5() -> None:
-    """open_flamingo 2.0.1 under transformers 5: generate() may leave out an all-ones attention_mask, which
-    FlamingoLMMixin.forward takes positionally; and the LM's `past_key_values` argument is now `cache`."""
-    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-
-    if getattr(FlamingoLMMixin, "patched_for_transformers_5", False):
-        return
-    forward = FlamingoLMMixin.forward
-
-    def patched(self, input_ids=None, attention_mask=None, **kwargs):
-        takes_cache = "cache" in inspect.signature(super(FlamingoLMMixin, self).forward).parameters
-        if takes_cache and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
-            if cache is not None:
-                kwargs["cache"] = cache
-        return forward(self, input_ids, attention_mask, **kwargs)
-
-    FlamingoLMMixin.forward = patched
-    FlamingoLMMixin.patched_for_transformers_5 = True
-
-
-def build_open_flamingo(folder: Path, clip_weights: Path, sizes: Sizes, generator: torch.Generator) -> nn.Module:
-    from open_flamingo import create_model_and_transforms
-
-    patch_open_flamingo_for_transformers_5()
-    model, _, _ = create_model_and_transforms(
-        CLIP_NAME, str(clip_weights), str(folder / "lm"), str(folder / "lm"),
-        cross_attn_every_n_layers=sizes.cross_attn_every, use_local_files=True,
-    )
-    with torch.no_grad():  # open gates, so that the images change the logits and parity means something
-        for name, parameter in model.named_parameters():
-            if name.endswith(("attn_gate", "ff_gate")):
-                parameter.uniform_(0.2, 0.8, generator=generator)
-    return model.eval()
-
-
-def release_checkpoint(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What OpenFlamingo's training script saves: the trainable parameters and the embeddings, no aliases."""
-    aliases = ("lang_encoder.old_decoder_blocks.", "lang_encoder.gated_cross_attn_layers.", "vision_encoder.")
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {
-        name: tensor.clone()
-        for name, tensor in model.state_dict().items()
-        if not name.startswith(aliases) and (name in trainable or "embed" in name)
-    }
 
 
 def build_idefics(sizes: Sizes) -> nn.Module:
@@ -250,8 +185,11 @@ def build_systems(sizes: Sizes, folder: Path, names: list[str]) -> list[System]:
     generator = torch.Generator().manual_seed(0)
     save_tokenizer(folder / "lm", sizes.base_vocab)
     save_language_model(folder / "lm", sizes, generator)
-    clip_config, clip_weights = save_open_clip(folder, sizes)
-    reference = build_open_flamingo(folder, clip_weights, sizes, generator)
+    vision = {"image_size": sizes.image_size, "patch_size": sizes.patch_size, "width": sizes.vit_width,
+              "head_width": sizes.vit_head_width, "layers": sizes.vit_layers}
+    clip_config, clip_weights = save_open_clip(folder / "open_clip", CLIP_NAME, vision)
+    reference, _ = build_open_flamingo(CLIP_NAME, clip_weights, folder / "lm", sizes.cross_attn_every)
+    open_gates(reference, generator)
     torch.save(release_checkpoint(reference), folder / "checkpoint.pt")
     ours, _ = convert_checkpoint(
         folder / "checkpoint.pt", folder / "lm", open_clip_vision_tower(clip_config, clip_weights),
