@@ -7,9 +7,11 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -264,3 +266,35 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     weights = saved_weights(tmp_path / "bf16")
     assert {v.dtype for v in weights.values()} == {torch.float32}  # autocast: the weights stay fp32
     assert OtterModel.from_pretrained(tmp_path / "bf16" / "model").config.model_type == "otter"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_train_like_two_processes_on_one(tmp_path, ddp_run):
+    """configs/accelerate/fsdp-multinode.yaml as two 'machines' on this one (one process each, gloo on loopback),
+    both writing to one shared output folder: the losses of 2-process DDP, and one set of checkpoints."""
+    output, port = tmp_path / "shared", free_port()
+    config = ROOT / "configs/accelerate/fsdp-multinode.yaml"
+
+    def machine(rank: int) -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_machines", "2",
+                "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                "--main_process_port", str(port), "--mixed_precision", "no", "-m"]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first, second = pool.map(lambda rank: run_train(output, *TWO_PROCESS_RUN, launcher=machine(rank)), (0, 1))
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "on 2 process(es), FSDP" in first.stderr
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert len(list((output / "checkpoints" / "step-000004").glob("random_states_*.pkl"))) == 2  # one per process
+    assert (output / "summary.json").is_file() and not (output / "model.tmp").exists()
+    expected, losses = logged_losses(ddp_run[0]), logged_losses(output)
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), step
