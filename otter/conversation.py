@@ -21,6 +21,7 @@ Generation runs `model.generate` in a thread and streams decoded text from a `Te
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import threading
 import time
@@ -58,20 +59,30 @@ def load_image(path: str | Path) -> Image.Image:
     decoding them (a small compressed file can decode to gigabytes)."""
     path = Path(path)
     try:
-        megabytes = path.stat().st_size / 2**20
+        size = path.stat().st_size
     except OSError as error:
         raise InputError(f"Cannot read {path.name}: {error.strerror}.") from error
+    return _decode_image(path, size, path.name)
+
+
+def image_from_bytes(data: bytes, name: str) -> Image.Image:
+    """`load_image` for an image already in memory (an upload); `name` says which one in error messages."""
+    return _decode_image(io.BytesIO(data), len(data), name)
+
+
+def _decode_image(source: Path | io.BytesIO, size: int, name: str) -> Image.Image:
+    megabytes = size / 2**20
     if megabytes > MAX_IMAGE_MB:
-        raise InputError(f"{path.name} is {megabytes:.1f} MB; images are limited to {MAX_IMAGE_MB} MB.")
+        raise InputError(f"{name} is {megabytes:.1f} MB; images are limited to {MAX_IMAGE_MB} MB.")
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 width, height = image.size
-                raise InputError(f"{path.name} is {width}×{height} px; images are limited to {MAX_IMAGE_SIDE} px "
+                raise InputError(f"{name} is {width}×{height} px; images are limited to {MAX_IMAGE_SIDE} px "
                                  "a side.")
             return image.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
-        raise InputError(f"{path.name} is not an image (or not one Pillow can read).") from error
+        raise InputError(f"{name} is not an image (or not one Pillow can read).") from error
 
 
 def check_text(text: str, what: str) -> str:
@@ -340,4 +351,4 @@ def load_chat_model_from_args(args: argparse.Namespace) -> ChatModel:
 
 
 __all__ = ["ChatModel", "Conversation", "Example", "GenerationError", "GenerationSettings", "InputError", "Turn",
-           "load_chat_model", "load_image"]
+           "image_from_bytes", "load_chat_model", "load_image"]
