@@ -2,6 +2,7 @@
 
     otter-chat --image cat.jpg                              # the first question is about cat.jpg
     otter-chat --image a.jpg --image b.jpg --example shot.jpg "What is it?" "A dog." --num-beams 1
+    otter-chat --api http://127.0.0.1:8000 --image cat.jpg   # answers from a running otter-serve
 
 Without `--image`, the first question is about a drawn yellow triangle (as in `otter-generate`). In the prompt loop,
 `/image PATH` attaches an image to the next question, `/clear` starts over, `/quit` or Ctrl-D ends; Ctrl-C stops an
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from otter.client import add_api_arguments, connect
 from otter.conversation import (
     ChatModel,
     Conversation,
@@ -102,6 +104,7 @@ def chat_loop(chat: ChatModel, conversation: Conversation, images: list[Image.Im
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    add_api_arguments(parser)
     parser.add_argument("--image", type=Path, action="append", default=[],
                         help="an image for the first question (repeat for several)")
     parser.add_argument("--example", nargs=3, action="append", default=[], metavar=("IMAGE", "QUESTION", "ANSWER"),
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         images = [load_image(path) for path in args.image]
     except InputError as error:
         sys.exit(str(error))
-    chat = load_chat_model_from_args(args)
+    chat = connect(args.api, args.api_key) if args.api else load_chat_model_from_args(args)
     if not images:
         images = [draw_shape("triangle", "yellow", chat.image_size)]
         print("(no --image: the first question is about a drawn yellow triangle)")

@@ -4,8 +4,10 @@
     otter-demo --model luodian/OTTER-Image-LLaMA7B-LA-InContext --tokenizer luodian/llama-7b-hf \\
         --device-map auto --dtype bfloat16
     otter-demo --host 0.0.0.0       # reachable from other machines (by default only from this one)
+    otter-demo --api http://127.0.0.1:8000   # answers from a running otter-serve (which batches many demos' questions)
 
-Any number of browser tabs can chat at once; their questions queue for the model, which answers one at a time.
+Any number of browser tabs can chat at once; their questions queue for the model, which answers one at a time
+(with --api, the server takes them together).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import gradio as gr
 
+from otter.client import add_api_arguments, connect
 from otter.conversation import (
     MAX_IMAGE_MB,
     MAX_IMAGE_SIDE,
@@ -58,8 +61,8 @@ class Demo:
     """The page's event handlers around one `ChatModel`. Each browser session keeps its `Conversation` in a
     `gr.State`; the handlers are plain methods, so that tests call them without a server."""
 
-    def __init__(self, chat: ChatModel, settings: GenerationSettings):
-        self.chat, self.settings = chat, settings
+    def __init__(self, chat: ChatModel, settings: GenerationSettings, concurrent_answers: int | None = 1):
+        self.chat, self.settings, self.concurrent_answers = chat, settings, concurrent_answers
         self._stops: dict[str, threading.Event] = {}  # per session: set by Stop, Clear, or closing the tab
 
     def _stop_event(self, request: gr.Request | None) -> threading.Event:
@@ -143,9 +146,10 @@ class Demo:
 
             submitted = message.submit(self.submit, [message, chatbot, conversation, *slots],
                                        [message, chatbot, conversation], concurrency_limit=None)
-            # One generation at a time: every tab's answers queue here (the model's lock is the second guard).
+            # In-process, one generation at a time: every tab's answers queue here (the model's lock is the second
+            # guard). Through otter-serve (None), all go at once and the server batches them.
             responding = submitted.success(self.respond, [conversation, chatbot, *settings], [conversation, chatbot],
-                                           concurrency_limit=1, concurrency_id="generate")
+                                           concurrency_limit=self.concurrent_answers, concurrency_id="generate")
             stop.click(self.stop, queue=False)
             for clearing in (clear.click, chatbot.clear):  # the chat's own trash button clears the state too
                 clearing(self.clear, None, [message, chatbot, conversation], queue=False, cancels=[responding])
@@ -226,6 +230,7 @@ def example_rows(folder: Path, size: int) -> list[list[Any]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    add_api_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default: this machine only; 0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=7860)
@@ -239,13 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own requests to the server it starts
-    chat = load_chat_model_from_args(args)
+    chat = connect(args.api, args.api_key) if args.api else load_chat_model_from_args(args)
     settings = GenerationSettings.from_args(args, chat.trained)
     if args.host != "127.0.0.1" or args.share:
         logger.warning("The demo is reachable from other machines (--host %s%s); it has no authentication",
                        args.host, ", --share" if args.share else "")
     with tempfile.TemporaryDirectory(prefix="otter-demo-") as example_dir:
-        blocks = Demo(chat, settings).blocks(Path(example_dir))  # gradio copies the example pictures to its cache
+        blocks = Demo(chat, settings, None if args.api else 1).blocks(Path(example_dir))  # gradio copies the example pictures to its cache
     blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                           max_file_size=f"{MAX_IMAGE_MB}mb", ssr_mode=False, show_error=True, css=CSS)
 

@@ -55,6 +55,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from otter.client import API_KEY_ENV
 from otter.conversation import (
     MAX_IMAGE_MB,
     ChatModel,
@@ -69,7 +70,6 @@ from otter.conversation import (
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "OTTER_API_KEY"
 DEFAULT_MAX_IMAGES = 8
 REMOTE_IMAGE_TIMEOUT_S = 10
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -439,6 +439,7 @@ class Counters:
     requests: int = 0
     generate_calls: int = 0
     rows_generated: int = 0
+    tokens_generated: int = 0
     largest_batch: int = 0
     cancelled_rows: int = 0
     refused_queue_full: int = 0
@@ -504,7 +505,8 @@ class Scheduler:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            if batch:  # empty when the waiting requests were cancelled meanwhile
+                self._run(batch)
 
     def _next_batch(self) -> list[Job] | None:
         with self._condition:
@@ -514,7 +516,7 @@ class Scheduler:
                 return None
         time.sleep(self.batch_wait_s)  # let requests sent together arrive together
         with self._condition:
-            batch = self._compatible(self._waiting)
+            batch = self._compatible(self._waiting) if self._waiting else []
             for job in batch:
                 self._waiting.remove(job)
             self.running = batch
@@ -563,6 +565,7 @@ class Scheduler:
             with self._condition:
                 self.running = []
             self.counters.rows_generated += len(rows)
+            self.counters.tokens_generated += sum(row.generated for row in rows)
             self.counters.cancelled_rows += sum(row.finish_reason == "cancelled" for row in rows)
         logger.info("batch of %d row(s) from %d request(s): %d tokens in %.2f s", len(rows), len(batch),
                     sum(row.generated for row in rows), time.perf_counter() - start)

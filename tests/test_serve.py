@@ -1,0 +1,340 @@
+"""`otter-serve` against a live server on 127.0.0.1 with the real `openai` client: answers equal to
+`model.generate`'s, streaming, batching, OpenAI errors, disconnects, and the demo/chat `--api` clients."""
+
+import base64
+import http.server
+import io
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai", reason="otter-serve's tests need the `serve` extra (pip install openai)")
+
+from otter.client import RemoteChatModel, image_url  # noqa: E402
+from otter.conversation import Conversation, GenerationSettings, load_chat_model  # noqa: E402
+from otter.data.shapes import draw_shape  # noqa: E402
+from otter.serve import ImageSource, ServerSettings, ServerThread, create_app, parse_args  # noqa: E402
+
+TINY_OTTER = Path(__file__).resolve().parents[1] / "configs" / "tiny-otter"
+KEY = "test-key"
+MODEL_ID = "tiny-otter"
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return load_chat_model(str(TINY_OTTER))
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    draw_shape("circle", "red", 32).save(folder / "circle.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(chat, image_dir):
+    settings = ServerSettings(model_id=MODEL_ID, api_key=KEY, max_batch_size=8, max_new_tokens_limit=500,
+                              images=ImageSource(image_dir=image_dir))
+    with ServerThread(create_app(chat, settings)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+
+
+def shape(name: str = "triangle", colour: str = "yellow") -> Image.Image:
+    return draw_shape(name, colour, 32)
+
+
+def user(text: str, *images: Image.Image) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": image_url(image)}} for image in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+FEW_SHOT = [user("What colour is it?", shape("circle", "red")), {"role": "assistant", "content": "red"},
+            user("What colour is it?", shape())]
+FEW_SHOT_CONVERSATION = Conversation().ask("What colour is it?", [shape("circle", "red")]).answer("red").ask(
+    "What colour is it?", [shape()])
+
+
+def reference(chat, conversation: Conversation, max_new_tokens: int) -> str:
+    """The answer of a plain greedy `model.generate` on the conversation's prompt. The server never generates
+    `<image>` or `<answer>` inside an answer (see otter.serve.Scheduler), so neither does this reference."""
+    processor = chat.processor
+    inputs = chat.inputs(conversation)
+    output = chat.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=processor.pad_token_id,
+                                 suppress_tokens=[processor.media_token_id, processor.answer_token_id])
+    return processor.decode_answers(output, prompt_length=inputs["input_ids"].shape[1])[0]
+
+
+def ask(client, messages=None, **kwargs):
+    kwargs = {"max_tokens": 8, "temperature": 0, **kwargs}
+    return client.chat.completions.create(model=MODEL_ID, messages=messages or [user("Hi?", shape())], **kwargs)
+
+
+def health(server) -> dict:
+    return httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()
+
+
+def streamed(stream) -> tuple[str, list]:
+    chunks = list(stream)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices), chunks
+
+
+# ---- answers ----------------------------------------------------------------------------------------
+def test_answer_equals_generate_with_in_context_example(client, chat):
+    response = ask(client, FEW_SHOT, max_tokens=12)
+    expected = reference(chat, FEW_SHOT_CONVERSATION, 12)
+    assert expected and response.choices[0].message.content == expected
+    prompt_tokens = chat.inputs(FEW_SHOT_CONVERSATION)["input_ids"].shape[1]
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, 12)
+    assert response.choices[0].finish_reason == "length"  # the untrained model never ends its chunk
+    assert response.object == "chat.completion" and response.model == MODEL_ID
+
+
+def test_stream_concatenates_to_answer(client):
+    answer = ask(client, FEW_SHOT, max_tokens=16).choices[0].message.content
+    text, chunks = streamed(ask(client, FEW_SHOT, max_tokens=16, stream=True, stream_options={"include_usage": True}))
+    assert text == answer
+    assert sum(bool(chunk.choices and chunk.choices[0].delta.content) for chunk in chunks) > 1  # really streamed
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [chunk.choices[0].finish_reason for chunk in chunks[:-1]][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert all(chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id for chunk in chunks)
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    body = {"model": MODEL_ID, "messages": [user("Hi?", shape())], "max_tokens": 3, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=TIMEOUT,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_concurrent_requests_are_batched_and_answered_alone(client, chat, server):
+    questions = [f"What is shape {i}?" for i in range(8)]
+    lengths = [4 + i for i in range(8)]  # rows of one batch leave at different steps
+    before = health(server)
+    answers, errors = [None] * 8, []
+
+    def send(i: int) -> None:
+        try:
+            answers[i] = ask(client, [user(questions[i], shape())], max_tokens=lengths[i]).choices[0].message.content
+        except Exception as error:  # reported below, with the others
+            errors.append(error)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not errors
+    after = health(server)
+    assert after["requests"] - before["requests"] == 8
+    assert after["generate_calls"] - before["generate_calls"] < 8
+    assert after["largest_batch"] > 1
+    for question, length, answer in zip(questions, lengths, answers, strict=True):
+        assert answer == reference(chat, Conversation().ask(question, [shape()]), length)
+
+
+def test_n_choices_seed_and_stop(client):
+    sampled = [ask(client, n=3, temperature=1.0, seed=7, max_tokens=10) for _ in range(2)]
+    contents = [[choice.message.content for choice in response.choices] for response in sampled]
+    assert contents[0] == contents[1]  # the seed decides the sampled answers
+    assert len(set(contents[0])) > 1 and [choice.index for choice in sampled[0].choices] == [0, 1, 2]
+
+    answer = ask(client, max_tokens=20).choices[0].message.content
+    stop = answer[6:9]
+    expected = answer[: answer.find(stop)].strip()
+    stopped = ask(client, max_tokens=20, stop=[stop, "never-generated"])
+    assert stopped.choices[0].message.content == expected
+    assert stopped.choices[0].finish_reason == "stop"
+    assert streamed(ask(client, max_tokens=20, stop=stop, stream=True))[0] == expected
+
+
+def test_models_and_health(client, server):
+    (model,) = client.models.list().data
+    assert model.id == MODEL_ID and model.model_extra["image_size"] == 32 and model.model_extra["trained"] is False
+    assert health(server)["status"] == "ok"
+
+
+def test_local_image_under_image_dir(client, image_dir):
+    by_path = ask(client, [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "circle.png"}}, {"type": "text", "text": "Colour?"}]}])
+    by_data = ask(client, [user("Colour?", Image.open(image_dir / "circle.png"))])
+    assert by_path.choices[0].message.content == by_data.choices[0].message.content
+
+
+def test_remote_images_when_allowed():
+    """Fetched from a loopback HTTP server: `--allow-remote-images` downloads, and gives the same pixels."""
+    png = io.BytesIO()
+    shape().save(png, format="PNG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{web.server_address[1]}/shape.png"
+        image = ImageSource(allow_remote=True).load(url, "the image")
+        web.shutdown()
+    assert image.tobytes() == shape().tobytes()
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+def data_url(payload: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(payload).decode()
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BAD_REQUESTS = {
+    "not an image": ({"messages": [{"role": "user", "content": [image_part(data_url(b"not a png")),
+                                                                 {"type": "text", "text": "Hi"}]}]},
+                     400, "messages[0].content[0] is not an image"),
+    "too large": ({"messages": [{"role": "user", "content": [image_part(data_url(bytes(21 * 2**20)))]}]},
+                  400, "images are limited to 20 MB"),
+    "too many pixels": ({"messages": [{"role": "user", "content": [image_part(data_url(png_bytes(8193, 2)))]}]},
+                        400, "8193×2 px; images are limited to 8192 px a side"),
+    "more images than allowed": ({"messages": [user("Hi", *[shape()] * 9)]}, 400, "9 images; this server accepts "
+                                 "at most 8"),
+    "prompt longer than the context": ({"messages": [user("word " * 600, shape())]}, 400,
+                                       "more than the model's context of 512"),
+    "unknown parameter": ({"frobnicate": True}, 400, "Unknown parameter: 'frobnicate'."),
+    "unsupported parameter": ({"tools": []}, 400, "Unknown parameter: 'tools'."),
+    "bad value": ({"temperature": 5}, 400, "Invalid value for 'temperature'"),
+    "remote image": ({"messages": [{"role": "user", "content": [image_part("http://127.0.0.1:9/cat.png")]}]}, 400,
+                     "does not fetch images from other hosts"),
+    "path outside --image-dir": ({"messages": [{"role": "user", "content": [image_part("../../etc/hostname")]}]},
+                                 400, "is outside the server's --image-dir"),
+    "system message": ({"messages": [{"role": "system", "content": "Be brief."}, user("Hi", shape())]}, 400,
+                       "messages[0] is a system message"),
+    "two user messages": ({"messages": [user("Hi", shape()), user("Hi")]}, 400,
+                          "messages[1] is a user message where a assistant message was expected"),
+    "image marker typed": ({"messages": [user("Look <image>", shape())]}, 400, "contains <image>"),
+    "first question without image": ({"messages": [user("Hi")]}, 400, "Attach an image to your first question"),
+    "ends with the answer": ({"messages": FEW_SHOT[:2]}, 400, "The last message must be a user message"),
+    "max_tokens over the limit": ({"max_tokens": 501}, 400, "max_tokens is 501; this server generates at most 500"),
+    "n over the batch": ({"n": 9}, 400, "n is 9; this server generates at most 8 choices"),
+    "unknown model": ({"model": "gpt-4o"}, 404, "The model 'gpt-4o' does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_request_gets_openai_error_and_server_keeps_serving(client, case):
+    body, status, message = BAD_REQUESTS[case]
+    body = {"model": MODEL_ID, "messages": [user("Hi?", shape())], "max_tokens": 4, **body}
+    with pytest.raises(openai.APIStatusError) as raised:  # extra_body: sent as given, unchecked by the client
+        client.chat.completions.create(model=body.pop("model"), messages=body.pop("messages"), extra_body=body)
+    assert raised.value.status_code == status
+    assert message in raised.value.body["message"]
+    assert raised.value.body["type"] in ("invalid_request_error", "server_error")
+    assert ask(client, max_tokens=2).choices[0].message.content is not None  # still serving
+
+
+def test_wrong_or_missing_key_is_401(server):
+    for key in ("wrong", ""):
+        wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or "x", max_retries=0, timeout=TIMEOUT)
+        if not key:
+            wrong = wrong.with_options(default_headers={"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as raised:
+            wrong.models.list()
+        assert raised.value.status_code == 401 and "Incorrect API key" in raised.value.body["message"]
+
+
+def test_full_queue_503_and_disconnect_frees_the_slot(chat):
+    """One row at a time, one waiting request: a long streaming answer runs, a second request waits, a third is
+    refused; closing the stream ends the long generation at its next step and the waiting request is answered."""
+    settings = ServerSettings(model_id=MODEL_ID, max_batch_size=1, max_queue=1)
+    with ServerThread(create_app(chat, settings)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        long_tokens = 490
+        stream = ask(client, max_tokens=long_tokens, stream=True)
+        next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)  # it is generating
+
+        waiting = {}
+        thread = threading.Thread(target=lambda: waiting.update(answer=ask(client, max_tokens=3)))
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while health(server)["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(openai.APIStatusError) as raised:
+            ask(client)
+        assert raised.value.status_code == 503 and "queue is full" in raised.value.body["message"]
+
+        stream.close()
+        thread.join(TIMEOUT)
+        assert waiting["answer"].choices[0].finish_reason == "length"
+        counters = health(server)
+        assert counters["cancelled_rows"] == 1 and counters["refused_queue_full"] == 1
+        assert counters["tokens_generated"] < long_tokens  # the long row stopped early
+        assert ask(client, max_tokens=2).choices[0].message.content is not None
+
+
+# ---- demo and chat through the server ---------------------------------------------------------------
+GREEDY = GenerationSettings(max_new_tokens=10, num_beams=1, no_repeat_ngram_size=0)
+
+
+def test_remote_chat_model_streams_the_in_process_answer(server, chat):
+    remote = RemoteChatModel(server.url, api_key=KEY)
+    assert (remote.name, remote.trained, remote.image_size) == (MODEL_ID, False, 32)
+    texts = list(remote.stream(FEW_SHOT_CONVERSATION, GREEDY))
+    assert texts[-1] == reference(chat, FEW_SHOT_CONVERSATION, 10)
+    assert all(texts[-1].startswith(text) for text in texts)
+
+    stop = threading.Event()
+    stop.set()
+    assert list(remote.stream(FEW_SHOT_CONVERSATION, GREEDY, stop)) == [""]  # stopped before any text
+
+
+def test_demo_answers_through_the_server(server, chat):
+    demo_module = pytest.importorskip("otter.demo", reason="the demo needs gradio")
+    demo = demo_module.Demo(RemoteChatModel(server.url, api_key=KEY), GREEDY, concurrent_answers=None)
+    *_, (conversation, history) = demo.respond(FEW_SHOT_CONVERSATION, [], 10, False, 1.0, 1.0, 1, 0)
+    expected = reference(chat, FEW_SHOT_CONVERSATION, 10)
+    assert history[-1] == {"role": "assistant", "content": expected}
+    assert conversation.turns[-1].answer == expected
+
+
+def test_chat_command_through_the_server(server, chat, monkeypatch, capsys):
+    from otter import chat as chat_command
+
+    lines = iter(["What colour is it?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    chat_command.main(["--api", server.url, "--api-key", KEY, "--max-new-tokens", "10", "--num-beams", "1",
+                       "--no-repeat-ngram-size", "0"])
+    expected = reference(chat, Conversation().ask("What colour is it?", [shape()]), 10)
+    assert f"otter> {expected}\n" in capsys.readouterr().out
+
+
+def test_command_line_checks():
+    args = parse_args(["--port", "0", "--max-batch-size", "4", "--api-key", "k"])
+    assert (args.max_batch_size, args.api_key, args.allow_remote_images) == (4, "k", False)
+    with pytest.raises(SystemExit):
+        parse_args(["--max-queue", "0"])
