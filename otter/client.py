@@ -16,10 +16,12 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from PIL import Image
+if TYPE_CHECKING:  # otter.conversation imports torch: only where a conversation is answered, not for `--help`
+    from PIL import Image
 
-from otter.conversation import Conversation, GenerationError, GenerationSettings, InputError
+    from otter.conversation import Conversation, GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class RemoteChatModel:
         """Like `ChatModel.stream`: the answer so far as it grows, then the final answer. Setting `stop` (or
         closing the iterator) closes the connection, which ends the generation on the server."""
         import openai
+
+        from otter.conversation import GenerationError, InputError
 
         if not conversation.pending:
             raise ValueError("the conversation has no question to answer")

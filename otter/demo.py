@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("The demo is reachable from other machines (--host %s%s); it has no authentication",
                        args.host, ", --share" if args.share else "")
     with tempfile.TemporaryDirectory(prefix="otter-demo-") as example_dir:
-        blocks = Demo(chat, settings, None if args.api else 1).blocks(Path(example_dir))  # gradio copies the example pictures to its cache
+        # gradio copies the example pictures to its cache; through a server, answers need not wait for each other
+        blocks = Demo(chat, settings, None if args.api else 1).blocks(Path(example_dir))
     blocks.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
                           max_file_size=f"{MAX_IMAGE_MB}mb", ssr_mode=False, show_error=True, css=CSS)
 

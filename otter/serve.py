@@ -1,8 +1,9 @@
-"""`otter-serve`: an OpenAI-compatible chat-completions server for Otter, batching concurrent requests.
+"""`otter-serve`: an OpenAI-compatible chat-completions server for Otter that batches concurrent requests.
 
-    otter-serve                                             # the default Otter on 127.0.0.1:8000
+    otter-serve                                             # the default Otter on http://127.0.0.1:8000/v1
     otter-serve --model luodian/OTTER-Image-LLaMA7B-LA-InContext --tokenizer luodian/llama-7b-hf \\
         --device-map auto --dtype bfloat16 --api-key secret --image-dir ./images
+    otter-demo --api http://127.0.0.1:8000                  # any number of demos (and otter-chat) on one server
 
 Any OpenAI client talks to it:
 
@@ -12,838 +13,82 @@ Any OpenAI client talks to it:
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
         {"type": "text", "text": "What is in the image?"}]}], max_tokens=64, temperature=0)
 
-Earlier user/assistant turns become completed chunks of Otter's prompt (in-context examples) through
-`otter.conversation.Conversation`, exactly as in `otter-demo`; each user turn's images go first in its chunk.
-
-Batching (see docs/serving.md): requests go to one queue; a worker thread takes every waiting request whose
-sampling settings can share a batch (greedy with greedy, sampling with the same temperature and top-p; a seeded
-sampling request runs alone, so that its seed alone decides its answer), left-pads them into one `generate`
-call, and follows each row step by step through a stopping criterion: a row leaves the batch (stops streaming,
-is padded) at its own `max_tokens`, at a `stop` string, at `<|endofchunk|>`, or when its client disconnects.
-Requests that arrive while a batch runs wait for the next one (no continuous batching).
+Images come as data: URLs; http(s) URLs only with --allow-remote-images, local paths only inside --image-dir.
+`temperature` defaults to 1 (sampling), as in OpenAI's API; 0 decodes greedily. See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import binascii
-import contextlib
-import itertools
-import json
 import logging
 import os
-import re
-import secrets
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
-import torch
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from transformers import StoppingCriteria, StoppingCriteriaList
-
+from flamingo.cli import add_debug_flag, run_command
 from otter.client import API_KEY_ENV
-from otter.conversation import (
-    MAX_IMAGE_MB,
-    ChatModel,
-    Conversation,
-    InputError,
-    add_model_arguments,
-    context_length,
-    image_from_bytes,
-    load_chat_model_from_args,
-    load_image,
-)
+from otter.defaults import default_model, describe_default
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_IMAGES = 8
-REMOTE_IMAGE_TIMEOUT_S = 10
-BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-# ---- errors ---------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered as OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-# ---- request body ---------------------------------------------------------------------------------
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    url: str
-    detail: Literal["auto", "low", "high"] = "auto"  # accepted for compatibility; Otter sees one resolution
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: str
-    content: str | list[ContentPart]
-    name: str | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """The chat-completions parameters this server implements; any other parameter is refused by name."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 is greedy decoding
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # an end-user id for the operator's logs; nothing to do here
-
-
-def parse_request(body: Any) -> ChatCompletionRequest:
-    """The request, or a 400 that names the first offending parameter (OpenAI's wording for unknown ones)."""
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.")
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "extra_forbidden":
-            raise bad_request(f"Unknown parameter: '{where}'.", param=where, code="unknown_parameter") from None
-        raise bad_request(f"Invalid value for '{where}': {first['msg']}.", param=where) from None
-
-
-# ---- images ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImageSource:
-    """Where images may come from: `data:` URLs always; `http(s)` only if allowed (the server would otherwise fetch
-    from any host a client names); local paths (`file://` or plain) only inside `image_dir`."""
-
-    allow_remote: bool = False
-    image_dir: Path | None = None
-
-    def load(self, url: str, name: str) -> Image.Image:
-        if url.startswith("data:"):
-            return image_from_bytes(_data_url_bytes(url, name), name)
-        if url.startswith(("http://", "https://")):
-            return image_from_bytes(self._fetch(url, name), name)
-        return load_image(self._local_path(url, name))
-
-    def _fetch(self, url: str, name: str) -> bytes:
-        if not self.allow_remote:
-            raise InputError(f"{name} is a remote URL; this server does not fetch images from other hosts (start "
-                             "it with --allow-remote-images), send the image as a data: URL instead.")
-        limit = MAX_IMAGE_MB * 2**20
-        try:
-            with urllib.request.urlopen(url, timeout=REMOTE_IMAGE_TIMEOUT_S) as response:
-                data = response.read(limit + 1)  # one byte more than allowed tells "too large" apart
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            raise InputError(f"{name}: cannot download {url}: {error}.") from error
-        return data
-
-    def _local_path(self, url: str, name: str) -> Path:
-        if self.image_dir is None:
-            raise InputError(f"{name} is a local path; this server reads local images only when started with "
-                             "--image-dir DIR, send the image as a data: URL instead.")
-        root = self.image_dir.resolve()
-        path = (root / url.removeprefix("file://")).resolve()
-        if not path.is_relative_to(root):
-            raise InputError(f"{name}: {url} is outside the server's --image-dir.")
-        return path
-
-
-def _data_url_bytes(url: str, name: str) -> bytes:
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise InputError(f"{name} is a data: URL without base64 data; expected data:image/<type>;base64,<data>.")
-    if len(payload) * 3 / 4 > MAX_IMAGE_MB * 2**20 + 4:  # refuse before decoding
-        raise InputError(f"{name} is {len(payload) * 3 / 4 / 2**20:.1f} MB; images are limited to {MAX_IMAGE_MB} MB.")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except binascii.Error as error:
-        raise InputError(f"{name} is not valid base64 ({error}).") from None
-
-
-# ---- messages -> conversation ----------------------------------------------------------------------
-def conversation_from_messages(messages: Sequence[Message], images: ImageSource, max_images: int) -> Conversation:
-    """Alternating user and assistant messages ending with a user message, as a `Conversation` whose last question
-    is pending; the checks of `Conversation.ask` (text, first image) apply to every user message."""
-    count = sum(_is_image(part) for message in messages for part in _parts(message))
-    if count > max_images:
-        raise InputError(f"The messages hold {count} images; this server accepts at most {max_images} per request "
-                         "(--max-images), one <image> per image in the prompt.")
-    conversation = Conversation()
-    for number, message in enumerate(messages):
-        where = f"messages[{number}]"
-        expected = "user" if number % 2 == 0 else "assistant"
-        if message.role in ("system", "developer"):
-            raise InputError(f"{where} is a {message.role} message; Otter's prompt has no system part, only "
-                             "user and assistant turns.")
-        if message.role != expected:
-            raise InputError(f"{where} is a {message.role} message where a {expected} message was expected: "
-                             "messages alternate user, assistant, user, ... and end with a user message.")
-        texts, image_urls = _split_content(message, where)
-        if message.role == "assistant":
-            if image_urls:
-                raise InputError(f"{where}: an assistant message cannot hold images.")
-            conversation = conversation.answer(" ".join(texts))
-        else:
-            loaded = [images.load(url, name) for name, url in image_urls]
-            conversation = conversation.ask(" ".join(texts), loaded)
-    if not conversation.pending:
-        raise InputError("The last message must be a user message (the question to answer).")
-    return conversation
-
-
-def _parts(message: Message) -> list[ContentPart]:
-    return [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
-
-
-def _is_image(part: ContentPart) -> bool:
-    return part.type == "image_url"
-
-
-def _split_content(message: Message, where: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """The texts, and the (name for errors, URL) of the images, of one message."""
-    texts, image_urls = [], []
-    for index, part in enumerate(_parts(message)):
-        name = f"{where}.content[{index}]"
-        if part.type == "text":
-            if part.text is None:
-                raise InputError(f"{name} is a text part without 'text'.")
-            texts.append(part.text)
-        elif part.image_url is None:
-            raise InputError(f"{name} is an image_url part without 'image_url'.")
-        else:
-            image_urls.append((name, part.image_url.url))
-    return texts, image_urls
-
-
-# ---- one choice being generated --------------------------------------------------------------------
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters may still turn out to start a stop string (or be half a UTF-8 character)."""
-    held = len(text) - len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:length]):
-                held = max(held, length)
-                break
-    return held
-
-
-class Decoder:
-    """Token ids -> text as `processor.decode_answers` writes it (special tokens dropped). Byte-fallback tokens
-    (`<0xE2>`, LLaMA's pieces for characters outside the vocabulary) decode as a group: a trailing run of them may
-    still become other characters, so `settled` leaves it out."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self.byte_ids = {id for token, id in tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token)}
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def settled(self, ids: list[int]) -> str:
-        end = len(ids)
-        while end and ids[end - 1] in self.byte_ids:
-            end -= 1
-        return self.decode(ids[:end])
-
-
-class AnswerText:
-    """The answer of one row as its tokens come: the decoded text stripped and cut before the first stop string.
-    `update` returns only text that can no longer change, so the streamed deltas concatenate to the answer."""
-
-    def __init__(self, decoder: Decoder, stops: Sequence[str]):
-        self.decoder, self.stops, self.sent = decoder, tuple(stops), ""
-
-    def _cut(self, text: str) -> tuple[str, bool]:
-        text = text.lstrip()
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
-        return (text[: min(cuts)], True) if cuts else (text, False)
-
-    def update(self, ids: list[int]) -> tuple[str, bool]:
-        """(new settled text, whether a stop string was reached)."""
-        text, stopped = self._cut(self.decoder.decode(ids))
-        if stopped:
-            return self._advance(text.rstrip()), True
-        text, _ = self._cut(self.decoder.settled(ids))
-        return self._advance(text[: len(text) - _held_back(text, self.stops)].rstrip()), False
-
-    def finish(self, ids: list[int]) -> str:
-        """The rest of the answer, once the row has ended."""
-        return self._advance(self._cut(self.decoder.decode(ids))[0].strip())
-
-    def _advance(self, text: str) -> str:
-        if not text.startswith(self.sent):  # decoding more tokens rewrote earlier text; cannot unsend it
-            logger.warning("streamed text %r is not a prefix of %r", self.sent, text)
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """A request's decoding settings; rows share a `generate` call only when their `batch_key`s are equal."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stops: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def batch_key(self, job_id: int) -> tuple:
-        if self.greedy:
-            return ("greedy",)
-        # Sampled rows draw from one random stream: a seeded request must not share it with others.
-        return ("sample", self.temperature, self.top_p, job_id if self.seed is not None else None)
-
-    def generate_kwargs(self) -> dict:
-        if self.greedy:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-
-
-@dataclass
-class Row:
-    """One choice of a request: its generated ids, answer text and end."""
-
-    index: int
-    job: Job
-    ids: list[int] = field(default_factory=list)
-    generated: int = 0
-    finish_reason: str | None = None
-
-    def step(self, token: int, end_ids: set[int]) -> None:
-        """Take the row's next token; sets `finish_reason` when the row ends."""
-        self.generated += 1
-        if self.job.cancelled.is_set():
-            self.finish("cancelled")
-            return
-        if token in end_ids:
-            self.finish("stop")
-            return
-        self.ids.append(token)
-        delta, stopped = self.job.text[self.index].update(self.ids)
-        if delta:
-            self.job.deliver(("delta", self.index, delta))
-        if stopped:
-            self.finish("stop")
-        elif self.generated >= self.job.sampling.max_new_tokens:
-            self.finish("length")
-
-    def finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        rest = self.job.text[self.index].finish(self.ids)
-        if rest:
-            self.job.deliver(("delta", self.index, rest))
-        self.job.deliver(("finish", self.index, reason))
-
-
-class Job:
-    """One request: its model inputs, `n` rows, and the events its handler reads (from the worker thread, through
-    the handler's event loop)."""
-
-    _ids = itertools.count()
-
-    def __init__(self, inputs: dict[str, torch.Tensor], sampling: Sampling, n: int, decoder: Decoder,
-                 loop: asyncio.AbstractEventLoop):
-        self.id = next(self._ids)
-        self.inputs, self.sampling = inputs, sampling
-        self.prompt_tokens = int(inputs["input_ids"].shape[1])
-        self.rows = [Row(index, self) for index in range(n)]
-        self.text = [AnswerText(decoder, sampling.stops) for _ in range(n)]
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self._loop = loop
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(row.generated for row in self.rows)
-
-    def deliver(self, event: tuple) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down): nobody listens
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    def fail(self, message: str) -> None:
-        for row in self.rows:
-            if row.finish_reason is None:
-                row.finish_reason = "error"
-                self.deliver(("error", row.index, message))
-
-
-class RowStopping(StoppingCriteria):
-    """Follows every row of a batch at each decoding step: hands the new token to its row and reports which rows
-    have ended (transformers then pads them and stops when all have)."""
-
-    def __init__(self, rows: list[Row], end_ids: set[int]):
-        self.rows, self.end_ids = rows, end_ids
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
-            if row.finish_reason is None:
-                row.step(token, self.end_ids)
-        return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
-
-
-# ---- the scheduler ---------------------------------------------------------------------------------
-@dataclass
-class Counters:
-    """What `/health` reports; the tests read `generate_calls` against `requests` to see batching."""
-
-    requests: int = 0
-    generate_calls: int = 0
-    rows_generated: int = 0
-    tokens_generated: int = 0
-    largest_batch: int = 0
-    cancelled_rows: int = 0
-    refused_queue_full: int = 0
-
-
-class Scheduler:
-    """The request queue and the worker thread that runs the model, one batch at a time."""
-
-    def __init__(self, chat: ChatModel, *, max_batch_size: int = 16, max_queue: int = 64, batch_wait_s: float = 0.01):
-        self.chat, self.max_batch_size, self.max_queue, self.batch_wait_s = chat, max_batch_size, max_queue, batch_wait_s
-        self.counters = Counters()
-        self.running: list[Job] = []
-        self._waiting: list[Job] = []
-        self._condition = threading.Condition()
-        self._closing = False
-        self._thread: threading.Thread | None = None
-        processor = chat.processor
-        self.end_ids = {processor.endofchunk_token_id, *_as_list(chat.model.generation_config.eos_token_id)}
-        # An answer never holds a new image or answer marker: suppressing them keeps streamed text a prefix of
-        # the final answer (Otter's decoding keeps only the text after the last <answer>).
-        self.suppress_tokens = [processor.media_token_id, processor.answer_token_id]
-        self.context = context_length(chat.model.config)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="otter-serve-batches", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        with self._condition:
-            self._closing = True
-            for job in self._waiting:
-                job.cancelled.set()
-            self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiting)
-
-    def submit(self, job: Job) -> None:
-        """Queue a job, or refuse it with 503 when `max_queue` jobs already wait."""
-        with self._condition:
-            if len(self._waiting) >= self.max_queue:
-                self.counters.refused_queue_full += 1
-                raise APIError(503, f"The server's queue is full ({self.max_queue} requests waiting); retry later.",
-                               type="server_error", code="queue_full", headers={"Retry-After": "1"})
-            self.counters.requests += 1
-            self._waiting.append(job)
-            self._condition.notify()
-
-    def cancel(self, job: Job) -> None:
-        """The client went away: drop the job if it still waits; a running one's rows end at the next step."""
-        job.cancelled.set()
-        with self._condition:
-            if job in self._waiting:
-                self._waiting.remove(job)
-                self.counters.cancelled_rows += len(job.rows)
-
-    # ---- worker thread -------------------------------------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if batch:  # empty when the waiting requests were cancelled meanwhile
-                self._run(batch)
-
-    def _next_batch(self) -> list[Job] | None:
-        with self._condition:
-            while not self._waiting and not self._closing:
-                self._condition.wait()
-            if self._closing:
-                return None
-        time.sleep(self.batch_wait_s)  # let requests sent together arrive together
-        with self._condition:
-            batch = self._compatible(self._waiting) if self._waiting else []
-            for job in batch:
-                self._waiting.remove(job)
-            self.running = batch
-            return batch
-
-    def _compatible(self, waiting: list[Job]) -> list[Job]:
-        """The oldest job and the later ones that can share its `generate`: same batch key, at most
-        `max_batch_size` rows, and a padded prompt plus the longest answer that fits in the context."""
-        first = waiting[0]
-        batch, rows = [first], len(first.rows)
-        key = first.sampling.batch_key(first.id)
-        longest_prompt, most_tokens = first.prompt_tokens, first.sampling.max_new_tokens
-        for job in waiting[1:]:
-            prompt, tokens = max(longest_prompt, job.prompt_tokens), max(most_tokens, job.sampling.max_new_tokens)
-            fits = self.context is None or prompt + tokens <= self.context
-            if job.sampling.batch_key(job.id) == key and rows + len(job.rows) <= self.max_batch_size and fits:
-                batch.append(job)
-                rows += len(job.rows)
-                longest_prompt, most_tokens = prompt, tokens
-        return batch
-
-    def _run(self, batch: list[Job]) -> None:
-        rows = [row for job in batch for row in job.rows]
-        sampling = batch[0].sampling
-        start = time.perf_counter()
-        try:
-            inputs = left_pad([job.inputs for job in batch for _ in job.rows], self.chat.processor.pad_token_id)
-            if sampling.seed is not None and not sampling.greedy:
-                torch.manual_seed(sampling.seed)
-            self.counters.generate_calls += 1
-            self.counters.largest_batch = max(self.counters.largest_batch, len(rows))
-            with torch.inference_mode():
-                self.chat.model.generate(
-                    **{name: value.to(self.chat.model.device) for name, value in inputs.items()},
-                    **sampling.generate_kwargs(), max_new_tokens=max(job.sampling.max_new_tokens for job in batch),
-                    pad_token_id=self.chat.processor.pad_token_id, suppress_tokens=self.suppress_tokens,
-                    stopping_criteria=StoppingCriteriaList([RowStopping(rows, self.end_ids)]))
-            for row in rows:
-                if row.finish_reason is None:  # generate ended on its own length limit
-                    row.finish("length")
-        except Exception as error:  # reported to the requests of this batch; the server goes on
-            logger.exception("generation failed")
-            for job in batch:
-                job.fail(f"The model failed: {type(error).__name__}: {error}")
-        finally:
-            with self._condition:
-                self.running = []
-            self.counters.rows_generated += len(rows)
-            self.counters.tokens_generated += sum(row.generated for row in rows)
-            self.counters.cancelled_rows += sum(row.finish_reason == "cancelled" for row in rows)
-        logger.info("batch of %d row(s) from %d request(s): %d tokens in %.2f s", len(rows), len(batch),
-                    sum(row.generated for row in rows), time.perf_counter() - start)
-
-
-def _as_list(value: int | list[int] | None) -> list[int]:
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
-
-
-def left_pad(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One-row model inputs -> a batch: `input_ids` and `attention_mask` padded on the left (generation appends on
-    the right), `vision_x` zero-padded to the most images of any row (padding images are never attended)."""
-    length = max(row["input_ids"].shape[1] for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for index, row in enumerate(rows):
-        size = row["input_ids"].shape[1]
-        input_ids[index, length - size :] = row["input_ids"][0]
-        attention_mask[index, length - size :] = row["attention_mask"][0]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    with_images = [row["vision_x"] for row in rows if "vision_x" in row]
-    if with_images:
-        most = max(vision_x.shape[1] for vision_x in with_images)
-        vision_x = with_images[0].new_zeros((len(rows), most, *with_images[0].shape[2:]))
-        for index, row in enumerate(rows):
-            if "vision_x" in row:
-                vision_x[index, : row["vision_x"].shape[1]] = row["vision_x"][0]
-        batch["vision_x"] = vision_x
-    return batch
-
-
-# ---- the HTTP application --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServerSettings:
-    model_id: str
-    api_key: str | None = None
-    max_batch_size: int = 16
-    max_queue: int = 64
-    max_new_tokens_limit: int = 512
-    max_images: int = DEFAULT_MAX_IMAGES
-    batch_wait_s: float = 0.01
-    images: ImageSource = ImageSource()
-
-
-class OtterServer:
-    """The request handlers around one `ChatModel` and its `Scheduler`."""
-
-    def __init__(self, chat: ChatModel, settings: ServerSettings):
-        self.chat, self.settings = chat, settings
-        self.scheduler = Scheduler(chat, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                   batch_wait_s=settings.batch_wait_s)
-        self.decoder = Decoder(chat.processor.tokenizer)
-        self.created = int(time.time())
-
-    def check_key(self, request: Request) -> None:
-        if self.settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), self.settings.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided: send the server's key (--api-key or $"
-                           f"{API_KEY_ENV}) as 'Authorization: Bearer <key>'.", code="invalid_api_key")
-
-    def models(self) -> dict:
-        config = self.chat.model.config
-        return {"object": "list", "data": [{
-            "id": self.settings.model_id, "object": "model", "created": self.created, "owned_by": "otter-serve",
-            # Beyond OpenAI's fields, for `otter.client`: what the demo shows and sizes its pictures by.
-            "trained": self.chat.trained, "image_size": config.vision_config.image_size,
-            "context_length": context_length(config), "max_images": self.settings.max_images}]}
-
-    def health(self) -> dict:
-        return {"status": "ok", "model": self.settings.model_id, "queued": self.scheduler.queued,
-                "running": len(self.scheduler.running), **vars(self.scheduler.counters)}
-
-    def prepare(self, body: ChatCompletionRequest, loop: asyncio.AbstractEventLoop) -> Job:
-        """Checks, images and tokenization of one request (in a worker thread: decoding images is slow)."""
-        if body.model != self.settings.model_id:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
-                           f"'{self.settings.model_id}' (GET /v1/models).", param="model", code="model_not_found")
-        if body.n > self.settings.max_batch_size:
-            raise bad_request(f"n is {body.n}; this server generates at most {self.settings.max_batch_size} choices "
-                              "per request (--max-batch-size).", param="n")
-        stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if len(stops) > 4 or not all(stops):
-            raise bad_request("'stop' takes up to 4 non-empty strings.", param="stop")
-        limit = self.settings.max_new_tokens_limit
-        requested = body.max_completion_tokens or body.max_tokens or limit
-        if requested > limit:
-            param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-            raise bad_request(f"{param} is {requested}; this server generates at most {limit} tokens per answer "
-                              "(--max-new-tokens-limit).", param=param)
-        try:
-            conversation = conversation_from_messages(body.messages, self.settings.images, self.settings.max_images)
-            inputs = self.chat.inputs(conversation)  # refuses prompts that leave no room in the context
-        except InputError as error:
-            raise bad_request(str(error), param="messages") from None
-        inputs = {name: value.cpu() for name, value in inputs.items()}
-        context = context_length(self.chat.model.config)
-        if context is not None:
-            requested = min(requested, context - inputs["input_ids"].shape[1])
-        sampling = Sampling(requested, body.temperature, body.top_p, body.seed, stops)
-        return Job(inputs, sampling, body.n, self.decoder, loop)
-
-    async def chat_completions(self, request: Request) -> JSONResponse | StreamingResponse:
-        self.check_key(request)
-        try:
-            payload = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise bad_request("The request body is not valid JSON.") from None
-        body = parse_request(payload)
-        job = await asyncio.to_thread(self.prepare, body, asyncio.get_running_loop())
-        self.scheduler.submit(job)
-        completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(job, completion, include_usage), media_type="text/event-stream")
-        return await self._complete(job, completion, request)
-
-    async def _complete(self, job: Job, completion: dict, request: Request) -> JSONResponse:
-        texts = [""] * len(job.rows)
-        try:
-            async for kind, index, value in self._events(job, request):
-                if kind == "delta":
-                    texts[index] += value
-                elif kind == "error":
-                    raise APIError(500, value, type="server_error")
-        finally:
-            if any(row.finish_reason is None for row in job.rows):
-                self.scheduler.cancel(job)
-        choices = [{"index": row.index, "message": {"role": "assistant", "content": texts[row.index]},
-                    "finish_reason": row.finish_reason, "logprobs": None} for row in job.rows]
-        return JSONResponse({**completion, "object": "chat.completion", "choices": choices, "usage": _usage(job)})
-
-    async def _events(self, job: Job, request: Request | None = None) -> AsyncIterator[tuple]:
-        """The job's events until every row has finished; checks for a disconnected client while waiting."""
-        finished = 0
-        while finished < len(job.rows):
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
-            finished += event[0] in ("finish", "error")
-            yield event
-
-    async def _stream(self, job: Job, completion: dict, include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format; starlette cancels this generator when the client leaves."""
-        chunk = {**completion, "object": "chat.completion.chunk"}
-
-        def event(choices: list[dict], **extra: Any) -> str:
-            return f"data: {json.dumps({**chunk, 'choices': choices, **extra})}\n\n"
-
-        try:
-            yield event([{"index": row.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                         for row in job.rows])
-            async for kind, index, value in self._events(job):
-                if kind == "delta":
-                    yield event([{"index": index, "delta": {"content": value}, "finish_reason": None}])
-                elif kind == "finish":
-                    yield event([{"index": index, "delta": {}, "finish_reason": value}])
-                else:
-                    yield f"data: {json.dumps(APIError(500, value, type='server_error').body())}\n\n"
-            if include_usage:
-                yield event([], usage=_usage(job))
-            yield "data: [DONE]\n\n"
-        finally:
-            if any(row.finish_reason is None for row in job.rows):
-                self.scheduler.cancel(job)
-
-
-def _usage(job: Job) -> dict:
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-            "total_tokens": job.prompt_tokens + job.completion_tokens}
-
-
-def create_app(chat: ChatModel, settings: ServerSettings) -> FastAPI:
-    """The ASGI application: `/v1/chat/completions`, `/v1/models`, `/health`; the scheduler runs while it does."""
-    server = OtterServer(chat, settings)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.scheduler.start()
-        yield
-        server.scheduler.close()
-
-    app = FastAPI(title="otter-serve", lifespan=lifespan)
-    app.state.server = server
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return error.response()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await server.chat_completions(request)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        server.check_key(request)
-        return server.models()
-
-    @app.get("/health")
-    async def health() -> dict:
-        return server.health()
-
-    return app
-
-
-# ---- running it -----------------------------------------------------------------------------------
-class ServerThread:
-    """A uvicorn server in a background thread on an already bound socket (tests, benchmarks, notebooks)."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        self.socket = socket.create_server((host, port))
-        self.host, self.port = host, self.socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"the server on {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.socket.close()
+DTYPES = ("float32", "bfloat16", "float16")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("--served-model-name", help="the model id clients pass (default: --model as given)")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser = argparse.ArgumentParser(prog="otter-serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help=f"hub id, folder or shipped config name (default: {describe_default()})")
+    model.add_argument("--tokenizer", help="base tokenizer to add Otter's tokens to (for checkpoints without one)")
+    model.add_argument("--device-map", help='e.g. "auto" to shard over the visible GPUs')
+    model.add_argument("--dtype", default="float32", choices=DTYPES)
+    model.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights for the LM's layers")
+    model.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default: this machine only; 0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"clients must send it as a bearer token (default: ${API_KEY_ENV}; unset: no key)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="rows (choices) per generate call")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 503")
-    parser.add_argument("--max-new-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask")
-    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="images per request")
-    parser.add_argument("--batch-wait-ms", type=float, default=10,
+    server.add_argument("--max-batch-size", type=positive_int, default=16, help="rows (choices) per generate call")
+    server.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting beyond this get 503")
+    server.add_argument("--max-new-tokens-limit", type=positive_int, default=512,
+                        help="the largest max_tokens a request may ask for")
+    server.add_argument("--max-images", type=positive_int, default=8, help="images per request")
+    server.add_argument("--batch-wait-ms", type=float, default=10,
                         help="how long the worker waits for more requests before starting a batch")
-    parser.add_argument("--allow-remote-images", action="store_true",
+    images = parser.add_argument_group("images")
+    images.add_argument("--allow-remote-images", action="store_true",
                         help="download http(s) image URLs (by default only data: URLs are accepted)")
-    parser.add_argument("--image-dir", type=Path, help="also accept local image paths, only inside this folder")
+    images.add_argument("--image-dir", type=Path, help="also accept local image paths, only inside this folder")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    for name in ("max_batch_size", "max_queue", "max_new_tokens_limit", "max_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.image_dir is not None and not args.image_dir.is_dir():
         parser.error(f"--image-dir {args.image_dir} is not a folder")
     return args
 
 
-def settings_from_args(args: argparse.Namespace, chat: ChatModel) -> ServerSettings:
-    return ServerSettings(
+def _main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    import uvicorn
+
+    from otter.conversation import load_chat_model
+    from otter.server import ImageSource, ServerSettings, create_app
+
+    chat = load_chat_model(args.model or default_model(), tokenizer=args.tokenizer, device_map=args.device_map,
+                           dtype=args.dtype, load_in_8bit=args.load_in_8bit)
+    settings = ServerSettings(
         model_id=args.served_model_name or chat.name, api_key=args.api_key, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, max_new_tokens_limit=args.max_new_tokens_limit, max_images=args.max_images,
         batch_wait_s=args.batch_wait_ms / 1000, images=ImageSource(args.allow_remote_images, args.image_dir))
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    chat = load_chat_model_from_args(args)
-    settings = settings_from_args(args, chat)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+    if args.host not in LOOPBACK and settings.api_key is None:
         logger.warning("otter-serve is reachable from other machines (--host %s) without an API key", args.host)
     if not chat.trained:
         logger.warning("%s holds only a config: the model is untrained and its answers are noise", chat.name)
@@ -851,5 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     uvicorn.run(create_app(chat, settings), host=args.host, port=args.port, log_level="info")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,7 +6,6 @@ import http.server
 import io
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,9 +16,10 @@ openai = pytest.importorskip("openai", reason="otter-serve's tests need the `ser
 from otter.client import RemoteChatModel, image_url  # noqa: E402
 from otter.conversation import Conversation, GenerationSettings, load_chat_model  # noqa: E402
 from otter.data.shapes import draw_shape  # noqa: E402
-from otter.serve import ImageSource, ServerSettings, ServerThread, create_app, parse_args  # noqa: E402
+from otter.serve import parse_args  # noqa: E402
+from otter.server import ImageSource, ServerSettings, ServerThread, create_app  # noqa: E402
+from tiny_models import TINY_OTTER_DIR  # noqa: E402
 
-TINY_OTTER = Path(__file__).resolve().parents[1] / "configs" / "tiny-otter"
 KEY = "test-key"
 MODEL_ID = "tiny-otter"
 TIMEOUT = 60
@@ -27,7 +27,7 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def chat():
-    return load_chat_model(str(TINY_OTTER))
+    return load_chat_model(str(TINY_OTTER_DIR))
 
 
 @pytest.fixture(scope="module")
