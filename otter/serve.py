@@ -27,18 +27,11 @@ from pathlib import Path
 from flamingo.cli import add_debug_flag, run_command
 from otter.client import API_KEY_ENV
 from otter.defaults import default_model, describe_default
+from otter.generate import DTYPES, positive_int
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--max-new-tokens-limit", type=positive_int, default=512,
                         help="the largest max_tokens a request may ask for")
     server.add_argument("--max-images", type=positive_int, default=8, help="images per request")
-    server.add_argument("--batch-wait-ms", type=float, default=10,
-                        help="how long the worker waits for more requests before starting a batch")
+    server.add_argument("--batch-wait-ms", type=float, default=50,
+                        help="how long a batch may wait for requests still being prepared (decoding images)")
     images = parser.add_argument_group("images")
     images.add_argument("--allow-remote-images", action="store_true",
                         help="download http(s) image URLs (by default only data: URLs are accepted)")

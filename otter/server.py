@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -433,13 +433,14 @@ class Counters:
 class Scheduler:
     """The request queue and the worker thread that runs the model, one batch at a time."""
 
-    def __init__(self, chat: ChatModel, *, max_batch_size: int = 16, max_queue: int = 64, batch_wait_s: float = 0.01):
+    def __init__(self, chat: ChatModel, *, max_batch_size: int = 16, max_queue: int = 64, batch_wait_s: float = 0.05):
         self.chat, self.max_batch_size, self.max_queue, self.batch_wait_s = chat, max_batch_size, max_queue, batch_wait_s
         self.counters = Counters()
         self.running: list[Job] = []
         self._waiting: list[Job] = []
         self._condition = threading.Condition()
         self._closing = False
+        self._preparing = 0  # requests being checked and tokenized, soon to be submitted
         self._thread: threading.Thread | None = None
         processor = chat.processor
         self.end_ids = {processor.endofchunk_token_id, *_as_list(chat.model.generation_config.eos_token_id)}
@@ -464,6 +465,18 @@ class Scheduler:
     @property
     def queued(self) -> int:
         return len(self._waiting)
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around checking and tokenizing a request that will be submitted: the worker may wait for it."""
+        with self._condition:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._preparing -= 1
+                self._condition.notify_all()
 
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it with 503 when `max_queue` jobs already wait."""
@@ -497,10 +510,13 @@ class Scheduler:
         with self._condition:
             while not self._waiting and not self._closing:
                 self._condition.wait()
+            # Requests sent together reach the queue apart (their images are decoded in parallel): wait for those
+            # still being prepared, up to batch_wait_s, rather than start without them.
+            deadline = time.monotonic() + self.batch_wait_s
+            while self._preparing and not self._closing and (left := deadline - time.monotonic()) > 0:
+                self._condition.wait(left)
             if self._closing:
                 return None
-        time.sleep(self.batch_wait_s)  # let requests sent together arrive together
-        with self._condition:
             batch = self._compatible(self._waiting) if self._waiting else []
             for job in batch:
                 self._waiting.remove(job)
@@ -591,7 +607,7 @@ class ServerSettings:
     max_queue: int = 64
     max_new_tokens_limit: int = 512
     max_images: int = DEFAULT_MAX_IMAGES
-    batch_wait_s: float = 0.01
+    batch_wait_s: float = 0.05
     images: ImageSource = ImageSource()
 
 
@@ -612,6 +628,14 @@ class OtterServer:
         if not secrets.compare_digest(given.encode(), self.settings.api_key.encode()):
             raise APIError(401, "Incorrect API key provided: send the server's key (--api-key or $"
                            f"{API_KEY_ENV}) as 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+    def check_size(self, request: Request) -> None:
+        """Refuse a body larger than `max_images` images at the size limit could be, before reading it."""
+        limit = self.settings.max_images * MAX_IMAGE_MB * 2**20 * 4 // 3 + 2**20  # base64, plus the text
+        length = int(request.headers.get("content-length") or 0)
+        if length > limit:
+            raise bad_request(f"The request body is {length / 2**20:.0f} MB; this server reads at most "
+                              f"{limit / 2**20:.0f} MB ({self.settings.max_images} images of {MAX_IMAGE_MB} MB).")
 
     def models(self) -> dict:
         config = self.chat.model.config
@@ -656,13 +680,15 @@ class OtterServer:
 
     async def chat_completions(self, request: Request) -> JSONResponse | StreamingResponse:
         self.check_key(request)
+        self.check_size(request)
         try:
             payload = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("The request body is not valid JSON.") from None
         body = parse_request(payload)
-        job = await asyncio.to_thread(self.prepare, body, asyncio.get_running_loop())
-        self.scheduler.submit(job)
+        with self.scheduler.preparing():
+            job = await asyncio.to_thread(self.prepare, body, asyncio.get_running_loop())
+            self.scheduler.submit(job)
         completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

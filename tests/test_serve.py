@@ -6,6 +6,7 @@ import http.server
 import io
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -338,3 +339,40 @@ def test_command_line_checks():
     assert (args.max_batch_size, args.api_key, args.allow_remote_images) == (4, "k", False)
     with pytest.raises(SystemExit):
         parse_args(["--max-queue", "0"])
+
+
+@pytest.mark.slow
+def test_otter_serve_command_end_to_end(tmp_path):
+    """The console command as a user starts it: loads the shipped tiny Otter, listens, answers, refuses a bad key."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OTTER_API_KEY": KEY}
+    server = subprocess.Popen([sys.executable, "-m", "otter.serve", "--model", "tiny-otter", "--port", str(port)],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "otter-serve did not start within 120 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+        model = client.models.list().data[0].id
+        response = client.chat.completions.create(model=model, messages=[user("Hi?", shape())], max_tokens=3,
+                                                  temperature=0)
+        assert response.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            client.with_options(api_key="wrong").models.list()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
