@@ -298,6 +298,31 @@ def test_full_queue_503_and_disconnect_frees_the_slot(chat):
         assert ask(client, max_tokens=2).choices[0].message.content is not None
 
 
+def test_waiting_client_that_leaves_is_taken_out_of_the_queue(chat):
+    settings = ServerSettings(model_id=MODEL_ID, max_batch_size=1, max_queue=2)
+    with ServerThread(create_app(chat, settings)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+        with ask(client, max_tokens=490, stream=True) as stream:
+            next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+            impatient = client.with_options(timeout=1.0)
+            with pytest.raises(openai.APITimeoutError):  # waits behind the long answer, gives up after 1 s
+                ask(impatient, max_tokens=3)
+            deadline = time.monotonic() + TIMEOUT
+            while health(server)["queued"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            counters = health(server)
+            assert counters["queued"] == 0 and counters["cancelled_rows"] == 1 and counters["running"] == 1
+
+
+def test_body_larger_than_the_images_allowed_is_refused_unread(chat):
+    settings = ServerSettings(model_id=MODEL_ID, max_images=1)
+    with ServerThread(create_app(chat, settings)) as server:
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=b" " * 30 * 2**20, timeout=TIMEOUT,
+                              headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        assert "The request body is 30 MB; this server reads at most 28 MB" in response.json()["error"]["message"]
+
+
 # ---- demo and chat through the server ---------------------------------------------------------------
 GREEDY = GenerationSettings(max_new_tokens=10, num_beams=1, no_repeat_ngram_size=0)
 
