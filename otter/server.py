@@ -779,6 +779,15 @@ def create_app(chat: ChatModel, settings: ServerSettings) -> FastAPI:
         server.check_key(request)
         return server.models()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        server.check_key(request)
+        (served,) = server.models()["data"]
+        if model_id != served["id"]:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{served['id']}'.",
+                           param="model", code="model_not_found")
+        return served
+
     @app.get("/health")
     async def health() -> dict:
         return server.health()

@@ -168,6 +168,9 @@ def test_n_choices_seed_and_stop(client):
 def test_models_and_health(client, server):
     (model,) = client.models.list().data
     assert model.id == MODEL_ID and model.model_extra["image_size"] == 32 and model.model_extra["trained"] is False
+    assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     assert health(server)["status"] == "ok"
 
 
