@@ -124,8 +124,11 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def connect(url: str, api_key: str | None = None) -> RemoteChatModel:
-    """A `RemoteChatModel` for `--api URL`, or an error that says the server is not reachable."""
-    import openai
+    """A `RemoteChatModel` for `--api URL`, or an error that says what is missing (the client, the server, the key)."""
+    try:
+        import openai
+    except ImportError:
+        raise SystemExit("--api needs the openai client: pip install 'flamingo-otter-hf[serve]'") from None
 
     try:
         return RemoteChatModel(url, api_key=api_key)

@@ -434,7 +434,8 @@ class Scheduler:
     """The request queue and the worker thread that runs the model, one batch at a time."""
 
     def __init__(self, chat: ChatModel, *, max_batch_size: int = 16, max_queue: int = 64, batch_wait_s: float = 0.05):
-        self.chat, self.max_batch_size, self.max_queue, self.batch_wait_s = chat, max_batch_size, max_queue, batch_wait_s
+        self.chat, self.max_batch_size, self.max_queue = chat, max_batch_size, max_queue
+        self.batch_wait_s = batch_wait_s
         self.counters = Counters()
         self.running: list[Job] = []
         self._waiting: list[Job] = []

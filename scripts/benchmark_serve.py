@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,8 @@ def scaled_otter_folder(sizes: Sizes, folder: Path) -> Path:
                        num_attention_heads=sizes.lm_heads, num_key_value_heads=sizes.lm_heads, bos_token_id=1,
                        eos_token_id=2, tie_word_embeddings=False)
     vision = CLIPVisionConfig(hidden_size=sizes.vit_width, intermediate_size=4 * sizes.vit_width,
-                              num_hidden_layers=sizes.vit_layers, num_attention_heads=sizes.vit_width // sizes.vit_head_width,
+                              num_hidden_layers=sizes.vit_layers,
+                              num_attention_heads=sizes.vit_width // sizes.vit_head_width,
                               image_size=sizes.image_size, patch_size=sizes.patch_size, hidden_act="quick_gelu")
     config = OtterConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                          cross_attn_every_n_layers=sizes.cross_attn_every,

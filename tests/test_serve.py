@@ -14,12 +14,13 @@ from PIL import Image
 
 openai = pytest.importorskip("openai", reason="otter-serve's tests need the `serve` extra (pip install openai)")
 
+from tiny_models import TINY_OTTER_DIR  # noqa: E402
+
 from otter.client import RemoteChatModel, image_url  # noqa: E402
 from otter.conversation import Conversation, GenerationSettings, load_chat_model  # noqa: E402
 from otter.data.shapes import draw_shape  # noqa: E402
 from otter.serve import parse_args  # noqa: E402
 from otter.server import ImageSource, ServerSettings, ServerThread, create_app  # noqa: E402
-from tiny_models import TINY_OTTER_DIR  # noqa: E402
 
 KEY = "test-key"
 MODEL_ID = "tiny-otter"
