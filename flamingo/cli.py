@@ -28,6 +28,7 @@ NOISY_LOGGERS = (
     "accelerate.checkpointing",  # one line per file of every checkpoint; otter-train logs one line per checkpoint
     "accelerate.accelerator",
     "httpx",
+    "httpx2",  # openai 3.x logs each request through it
 )
 # Optional back-ends and the extra that installs each (pyproject.toml): a command that needs one and finds it missing
 # says which extra to install.

@@ -14,27 +14,19 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image
-
+from flamingo.cli import add_debug_flag, run_command
 from otter.client import add_api_arguments, connect
-from otter.conversation import (
-    ChatModel,
-    Conversation,
-    Example,
-    GenerationError,
-    GenerationSettings,
-    InputError,
-    add_generation_arguments,
-    add_model_arguments,
-    load_chat_model_from_args,
-    load_image,
-)
-from otter.data.shapes import draw_shape
+from otter.settings import GenerationSettings, add_generation_arguments, add_model_arguments
+
+if TYPE_CHECKING:  # otter.conversation imports torch: imported where a conversation runs, not for `--help`
+    from PIL import Image
+
+    from otter.conversation import ChatModel, Conversation
 
 HELP = "/image PATH attaches an image to the next question, /clear starts over, /quit ends; Ctrl-C stops an answer."
 
@@ -57,6 +49,8 @@ def print_streamed(texts: Iterable[str]) -> str:
 def reply(chat: ChatModel, conversation: Conversation, settings: GenerationSettings) -> Conversation:
     """Answer the pending question, printing it as it streams; Ctrl-C stops the generation, not the program.
     On a model failure the question is dropped from the conversation."""
+    from otter.conversation import GenerationError, InputError
+
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     print("otter> ", end="", flush=True)
@@ -72,6 +66,8 @@ def reply(chat: ChatModel, conversation: Conversation, settings: GenerationSetti
 def chat_loop(chat: ChatModel, conversation: Conversation, images: list[Image.Image],
               settings: GenerationSettings) -> None:
     """Read questions and commands until /quit or end of input; `images` go with the first question."""
+    from otter.conversation import Conversation, InputError, load_image
+
     while True:
         try:
             line = input("you> ").strip()
@@ -102,7 +98,8 @@ def chat_loop(chat: ChatModel, conversation: Conversation, images: list[Image.Im
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="otter-chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_api_arguments(parser)
     parser.add_argument("--image", type=Path, action="append", default=[],
@@ -110,18 +107,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--example", nargs=3, action="append", default=[], metavar=("IMAGE", "QUESTION", "ANSWER"),
                         help="an in-context example put before the conversation (repeat for several)")
     add_generation_arguments(parser.add_argument_group("generation"))
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str]) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        examples = [Example.create(load_image(image), question, answer, f"--example {number}")
-                    for number, (image, question, answer) in enumerate(args.example, 1)]
-        images = [load_image(path) for path in args.image]
-    except InputError as error:
-        sys.exit(str(error))
+    logging.getLogger().setLevel(logging.WARNING)
+    from otter.conversation import Conversation, Example, load_chat_model_from_args, load_image
+    from otter.data.shapes import draw_shape
+
+    examples = [Example.create(load_image(image), question, answer, f"--example {number}")
+                for number, (image, question, answer) in enumerate(args.example, 1)]
+    images = [load_image(path) for path in args.image]
     chat = connect(args.api, args.api_key) if args.api else load_chat_model_from_args(args)
     if not images:
         images = [draw_shape("triangle", "yellow", chat.image_size)]
@@ -132,5 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     chat_loop(chat, Conversation(examples=tuple(examples)), images, GenerationSettings.from_args(args, chat.trained))
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -30,13 +30,11 @@ from otter.conversation import (
     Conversation,
     Example,
     GenerationError,
-    GenerationSettings,
     InputError,
-    add_generation_arguments,
-    add_model_arguments,
     load_chat_model_from_args,
     load_image,
 )
+from otter.settings import GenerationSettings, add_generation_arguments, add_model_arguments
 from otter.data.shapes import draw_shape
 from otter.data.toy import POSITIONS, QUESTIONS
 

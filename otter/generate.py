@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from flamingo.cli import add_debug_flag, run_command
-from otter.defaults import default_model, describe_default
+from otter.defaults import default_model
+from otter.settings import add_model_arguments, positive_int
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Two drawn examples per toy question kind: (shape, colour, count, position) of each picture and its answer.
 TOY_EXAMPLES = {
     "colour": [(("circle", "red"), "red"), (("square", "blue"), "blue")],
@@ -30,18 +30,10 @@ TOY_EXAMPLES = {
 }
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="otter-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help=f"hub id, folder or shipped config name (default: {describe_default()})")
-    parser.add_argument("--tokenizer", help="base tokenizer to add Otter's tokens to (for checkpoints without one)")
+    add_model_arguments(parser)
     parser.add_argument("--image", type=Path, help="query image (default: a drawn yellow triangle)")
     parser.add_argument("--question", default="What colour is the shape?")
     parser.add_argument("--example", nargs=2, action="append", metavar=("IMAGE", "ANSWER"), default=[],
@@ -49,9 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-examples", action="store_true", help="zero-shot: no in-context examples")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     parser.add_argument("--num-beams", type=positive_int, default=1)
-    parser.add_argument("--device-map", default=None, help='e.g. "auto" to shard over the visible GPUs')
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights for the LM's layers")
     add_debug_flag(parser)
     return parser.parse_args(argv)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from flamingo.cli import add_debug_flag, run_command
 from otter.client import API_KEY_ENV
-from otter.defaults import default_model, describe_default
-from otter.generate import DTYPES, positive_int
+from otter.defaults import default_model
+from otter.settings import add_model_arguments, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="otter-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help=f"hub id, folder or shipped config name (default: {describe_default()})")
-    model.add_argument("--tokenizer", help="base tokenizer to add Otter's tokens to (for checkpoints without one)")
-    model.add_argument("--device-map", help='e.g. "auto" to shard over the visible GPUs')
-    model.add_argument("--dtype", default="float32", choices=DTYPES)
-    model.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights for the LM's layers")
+    add_model_arguments(model)
     model.add_argument("--served-model-name", help="the model id clients pass (default: the model's name)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",

@@ -17,13 +17,12 @@ from otter.conversation import (
     Conversation,
     Example,
     GenerationError,
-    GenerationSettings,
     InputError,
-    add_generation_arguments,
     default_model,
     load_chat_model,
     load_image,
 )
+from otter.settings import GenerationSettings, add_generation_arguments
 from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 from otter.processing_otter import build_prompt
 
@@ -378,5 +377,5 @@ def test_chat_command_line(image_file, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "untrained model" in out and "1 in-context example(s)" in out and out.count("otter> ") == 1
     (tmp_path / "notes.txt").write_text("not a picture")
-    with pytest.raises(SystemExit, match="notes.txt is not an image"):
-        main(["--model", str(TINY_OTTER), "--example", str(tmp_path / "notes.txt"), "What?", "red"])
+    assert main(["--model", str(TINY_OTTER), "--example", str(tmp_path / "notes.txt"), "What?", "red"]) == 2
+    assert "notes.txt is not an image" in capsys.readouterr().err
