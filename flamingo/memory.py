@@ -33,7 +33,6 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -116,7 +115,7 @@ class Shapes:
     d_p: int
 
     @classmethod
-    def of(cls, config) -> "Shapes":
+    def of(cls, config) -> Shapes:
         t, v = config.text_config, config.vision_config
         heads = t.num_attention_heads
         return cls(
@@ -384,7 +383,7 @@ def plan_memory(
         budget = {k: capacity - CUDA_CONTEXT for k in range(count)}
         device_map = plan_device_map(model, budget)
         gpu_list = [GpuMemory() for _ in range(count)]
-        for n, p in named:
+        for n, _ in named:
             device = resolve_device(device_map, n)
             if not isinstance(device, int):
                 notes.append(f"device_map: {n} planned on {device}")

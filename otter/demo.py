@@ -34,9 +34,9 @@ from otter.conversation import (
     load_chat_model_from_args,
     load_image,
 )
-from otter.settings import GenerationSettings, add_generation_arguments, add_model_arguments
 from otter.data.shapes import draw_shape
 from otter.data.toy import POSITIONS, QUESTIONS
+from otter.settings import GenerationSettings, add_generation_arguments, add_model_arguments
 
 logger = logging.getLogger(__name__)
 

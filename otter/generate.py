@@ -61,10 +61,10 @@ def examples_for(args: argparse.Namespace, size: int) -> list:
 
 def _main(argv: list[str]) -> None:
     args = parse_args(argv)
+    from flamingo.loading import load_model_and_processor
     from otter.conversation import load_image
     from otter.data.shapes import draw_shape
     from otter.processing_otter import build_prompt
-    from flamingo.loading import load_model_and_processor
 
     loaded = load_model_and_processor(args.model or default_model(), tokenizer=args.tokenizer,
                                       device_map=args.device_map, dtype=args.dtype, load_in_8bit=args.load_in_8bit)

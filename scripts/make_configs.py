@@ -9,10 +9,10 @@ and conversion.
 import argparse
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from flamingo import FlamingoConfig
 from otter import OtterConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CLIP_VIT_L_14 = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
 LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)

@@ -2,7 +2,6 @@ import os
 import tempfile
 
 import pytest
-
 from tiny_models import tiny_model
 
 # otter-train records the model it wrote under $XDG_CACHE_HOME, and the other commands read it: keep the user's cache

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import batch, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 from flamingo import FlamingoModel
 from otter import OtterConfig, OtterModel
-from tiny_models import batch, tiny_config, tiny_model
 
 
 def logits(model):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
 import otter.conversation as conversation_module
 from otter.conversation import (
@@ -22,9 +23,8 @@ from otter.conversation import (
     load_chat_model,
     load_image,
 )
-from otter.settings import GenerationSettings, add_generation_arguments
-from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 from otter.processing_otter import build_prompt
+from otter.settings import GenerationSettings, add_generation_arguments
 
 GREEDY = GenerationSettings(max_new_tokens=6, num_beams=1, no_repeat_ngram_size=0)
 

@@ -9,7 +9,14 @@ import open_clip
 import pytest
 import torch
 from open_clip.model import CLIP, _build_vision_tower
-from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+from tiny_models import TINY_TEXT, TINY_TOKENIZER_DIR, TINY_VISION, randomize_gates
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionModel,
+)
 
 from flamingo import FlamingoConfig, FlamingoModel, FlamingoProcessor
 from flamingo.convert import (
@@ -26,7 +33,6 @@ from flamingo.convert import (
     save_atomically,
 )
 from otter import OtterConfig, OtterModel
-from tiny_models import TINY_TEXT, TINY_TOKENIZER_DIR, TINY_VISION, randomize_gates
 
 TOKENIZER = TINY_TOKENIZER_DIR
 V = 591  # the tiny tokenizer's base vocabulary: <|endofchunk|> = V, <image> = V+1, then <PAD> (Otter: <answer>, <PAD>)

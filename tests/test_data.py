@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TINY_OTTER_DIR
 
 from otter.data.collate import IGNORE_INDEX, OtterCollator, UsableSamples, build_labels
 from otter.data.mimicit import MimicItDataset, mimicit_paths
@@ -21,7 +22,6 @@ from otter.data.samples import BadImageError, EncodedImage, InstructionSample
 from otter.data.shapes import BACKGROUND, COLOURS, draw_shape
 from otter.data.toy import ANSWERS, BUNDLED, QUESTION_TYPES, QUESTIONS, make_toy_dataset, toy_dataset_paths
 from otter.processing_otter import OtterProcessor
-from tiny_models import TINY_OTTER_DIR
 
 BOS, EOC, IMAGE, ANSWER, PAD = 1, 591, 592, 593, 594
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
 from otter.data.shapes import draw_shape
-from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
 pytest.importorskip("gradio", reason="otter-demo needs gradio (pip install -e '.[demo]')")
 playwright = pytest.importorskip("playwright.sync_api", reason="needs Playwright's client (pip install playwright)")

@@ -3,10 +3,10 @@ caching, attention backends, errors."""
 
 import pytest
 import torch
+from tiny_models import EOC, IMAGE, PAD, TINY_TEXT, batch, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from flamingo import FlamingoModel
-from tiny_models import EOC, IMAGE, PAD, TINY_TEXT, batch, tiny_config, tiny_model
 
 
 def bare_language_model(model: FlamingoModel):
@@ -179,8 +179,9 @@ def test_beam_search_encodes_each_image_once(model):
 
 
 def test_sampling_and_streaming():
-    from transformers import TextIteratorStreamer
     from threading import Thread
+
+    from transformers import TextIteratorStreamer
 
     model = tiny_model()
 

@@ -9,15 +9,16 @@
 import functools
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_TEXT, TINY_VISION, VOCAB, batch, randomize_gates, tiny_config, tiny_model
 from torch import nn
-from transformers import AutoConfig, BitsAndBytesConfig, PreTrainedModel, TorchAoConfig
+from transformers import BitsAndBytesConfig, PreTrainedModel, TorchAoConfig
 
 import otter  # noqa: F401  (registers OtterModel with AutoModel for meta_model)
 from flamingo import FlamingoModel
+from flamingo.loading import load_config
 from flamingo.planning import (
     check_device_map,
     explicit_device_map,
@@ -26,8 +27,6 @@ from flamingo.planning import (
     plan_device_map,
     resolve_device,
 )
-from flamingo.loading import load_config
-from tiny_models import TINY_TEXT, TINY_VISION, VOCAB, batch, randomize_gates, tiny_config, tiny_model
 
 NINE_B = ["openflamingo-9b-llama", "otter-9b-llama", "openflamingo-9b-mpt7b", "otter-9b-mpt7b"]
 # 22 GiB of a 24 GiB card (RTX 3090/4090, A10/L4 class) leaves 2 GiB for the CUDA context (~0.5 GiB), activations

@@ -1,17 +1,16 @@
 """Processors: special-token ids and add order, prompt/image alignment, padding, save/load, Otter's prompt format and
 answer decoding. Uses the committed tiny processor folders (`scripts/make_tiny_assets.py`)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, TINY_TOKENIZER_DIR
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from flamingo.processing_flamingo import FlamingoProcessor
 from otter.processing_otter import OTTER_CHAT_TEMPLATE, OtterProcessor, build_prompt
-from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, TINY_TOKENIZER_DIR
 
 # The tiny models' vocab_size is BASE_VOCAB + 3 (Flamingo) / + 4 (Otter): these ids are a contract with them.
 BASE_VOCAB = 591

@@ -1,7 +1,6 @@
 """Trainable-set helper and gradient checkpointing."""
 
 import torch
-
 from tiny_models import EOC, IMAGE, batch, tiny_model
 
 

@@ -2,10 +2,10 @@
 checkpointing and bf16 autocast, and 2-process DDP/FSDP/DeepSpeed ZeRO-2 and ZeRO-3 runs."""
 
 import json
-import shutil
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,8 +93,9 @@ def deepspeed_importable() -> None:
 def test_trainable_sets(trainable):
     from argparse import Namespace
 
-    from otter.training import configure_trainable
     from tiny_models import tiny_model
+
+    from otter.training import configure_trainable
 
     model = tiny_model()
     configure_trainable(model, Namespace(trainable=trainable, train_vision_encoder=False), from_scratch=False)
@@ -227,10 +228,10 @@ def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
     batches to processes in turn), and both average the two batches' gradients: the same updates. Stepping at every
     batch, or not accumulating at all, would move the weights elsewhere (checked: far more than the tolerance)."""
     from accelerate.utils import set_seed
+    from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
     from otter import OtterConfig
     from otter.training import open_gates
-    from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
     ddp_output, _ = ddp_run
     output = tmp_path / "accumulated"
