@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .mimicit import MimicItDataset, mimicit_paths, write_mimicit
 from .multi_instruct import MultiInstructDataset
-from .samples import BadImageError, BadRowError, EncodedImage, decode_image, describe_counts
+from .samples import BadImageError, BadRowError, EncodedImage, decode_image, describe_counts, text_problem
 from .toy import make_toy_dataset
 
 logger = logging.getLogger(__name__)
@@ -104,15 +104,21 @@ def folder_records(images_dir: Path, jsonl_path: Path, bad_rows: Counter[str]) -
 def _folder_record(images_dir: Path, row: dict, number: int) -> Record:
     if not isinstance(row, dict):
         raise BadRowError("malformed_row", f"line {number} is not a JSON object")
-    instruction, answer = str(row.get("instruction") or "").strip(), str(row.get("answer") or "").strip()
-    if not instruction:
-        raise BadRowError("empty_instruction", f"line {number} has no instruction")
-    if not answer:
-        raise BadRowError("empty_answer", f"line {number} has no answer")
+    for key in ("instruction", "answer"):
+        if problem := text_problem(row, key):
+            raise BadRowError(problem, f"line {number}: {key} {row.get(key)!r} is not a text")
+    instruction, answer = row["instruction"].strip(), row["answer"].strip()
     image_path = images_dir / str(row.get("image") or "")
     if not row.get("image") or not image_path.is_file():
         raise BadRowError("missing_image", f"line {number}: no image file {image_path}")
-    in_context = [str(example) for example in row.get("in_context") or []]
+    if not Path(os.path.normpath(image_path)).is_relative_to(os.path.normpath(images_dir)):
+        # The output embeds the file's bytes: a JSONL must not pull in files from elsewhere on the machine (an
+        # absolute path or ../). Symbolic links inside the folder are the user's own choice, so they are followed.
+        raise BadRowError("image_outside_folder", f"line {number}: {row['image']} is not inside {images_dir}")
+    in_context = row.get("in_context") or []
+    if not isinstance(in_context, list):
+        raise BadRowError("malformed_row", f"line {number}: in_context is a {type(in_context).__name__}, not a list")
+    in_context = [str(example) for example in in_context]
     ins_id = str(row.get("id", number))
     return Record(ins_id, instruction, answer, Path(row["image"]).as_posix(), image_path.read_bytes(), in_context)
 
