@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import recipes
+from .arguments import fraction, int_at_least
 from .loading import load_config
 from .planning import GiB, meta_model, plan_device_map, resolve_device
 
@@ -459,29 +460,6 @@ def _gpus_argument(value: str) -> str:
     return value
 
 
-def _int_at_least(least: int):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-        if number < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {number}")
-        return number
-
-    return parse
-
-
-def _margin_argument(value: str) -> float:
-    try:
-        margin = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0 <= margin < 1:
-        raise argparse.ArgumentTypeError(f"the fraction of each GPU kept free, 0 <= margin < 1; got {margin}")
-    return margin
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="flamingo-memory", description="Per-GPU memory of a Flamingo/Otter model (weights, gradients, AdamW "
@@ -490,15 +468,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus", type=_gpus_argument, default="1x80GB", help="COUNTxSIZE, e.g. 4x24GB, 2x24GB, 1x80GB (GB = GiB)")
     parser.add_argument("--mode", choices=["inference", "training"], default="training")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--batch", type=_int_at_least(1), default=1, help="per process (the whole batch for single/device_map)")
-    parser.add_argument("--seq", type=_int_at_least(1), default=512, help="text tokens per sample")
-    parser.add_argument("--images", type=_int_at_least(0), default=1, help="images per sample")
+    parser.add_argument("--batch", type=int_at_least(1), default=1, help="per process (the whole batch for single/device_map)")
+    parser.add_argument("--seq", type=int_at_least(1), default=512, help="text tokens per sample")
+    parser.add_argument("--images", type=int_at_least(0), default=1, help="images per sample")
     parser.add_argument("--strategy", choices=STRATEGIES, default="single")
     parser.add_argument("--trainable", choices=recipes.TRAINABLE_SETS, default="otter")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
                         help="8-bit weights (bitsandbytes) for the LM decoder layers")
-    parser.add_argument("--margin", type=_margin_argument, default=0.1, help="fraction of each GPU kept free (default 0.1)")
+    parser.add_argument("--margin", type=fraction, default=0.1, help="fraction of each GPU kept free, 0 <= margin < 1 (default 0.1)")
     args = parser.parse_args(argv)
     if args.strategy == "single" and parse_gpus(args.gpus)[0] != 1:
         parser.error(f"--strategy single runs on one GPU, but --gpus {args.gpus} has more; use 1xSIZE or another strategy")

@@ -37,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
+from .local_files import check_local_model
 from .recipes import FP32_MODULES
 
 logger = logging.get_logger(__name__)
@@ -428,6 +429,13 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     # Buffers that older transformers saved (LLaMA's rotary `inv_freq`, CLIP's `position_ids`), and the
     # frame embeddings some image-only checkpoints carry: present in published files, unused here.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$", r"\.position_ids$", r"^perceiver\.frame_embs$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A missing local folder or a truncated shard otherwise fails with messages naming neither.
+        if pretrained_model_name_or_path is not None:
+            check_local_model(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -21,6 +21,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
+from .local_files import check_local_model
 
 logger = logging.get_logger(__name__)
 
@@ -88,6 +89,11 @@ class FlamingoProcessor(ProcessorMixin):
         added = [*cls.config_class.special_tokens, tokenizer.pad_token]
         logger.info(f"Special token ids: {dict(zip(added, tokenizer.convert_tokens_to_ids(added), strict=True))}")
         return cls(image_processor=image_processor or CLIPImageProcessor(), tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlamingoProcessor:
+        check_local_model(pretrained_model_name_or_path, weights=False)  # a missing folder, not "Repo id must be ..."
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _check_special_tokens(self) -> None:
         """Fail early when given a base tokenizer: without the special tokens `<image>` would be split into pieces
