@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from otter.conversation import (
     MAX_IMAGE_MB,
@@ -160,8 +161,8 @@ class Demo:
                         "show Otter what to do. Leave a slot empty to skip it.")
             for number in range(1, EXAMPLE_SLOTS + 1):
                 with gr.Row(equal_height=True):
-                    slots.append(gr.Image(type="filepath", label=f"Example {number}", height=110, min_width=100,
-                                          sources=["upload", "clipboard"]))
+                    slots.append(ImageSlot(type="filepath", label=f"Example {number}", height=110, min_width=100,
+                                           sources=["upload", "clipboard"]))
                     with gr.Column(min_width=160):
                         slots.append(gr.Textbox(label=f"Question {number}", lines=1, max_lines=2))
                         slots.append(gr.Textbox(label=f"Answer {number}", lines=1, max_lines=2))
@@ -179,6 +180,22 @@ class Demo:
                           info="1 streams the answer token by token; beam search shows it when complete"),
                 gr.Slider(0, 8, s.no_repeat_ngram_size, step=1, label="No-repeat n-gram size (0: off)"),
             ]
+
+
+class ImageSlot(gr.Image):
+    """An image upload that reaches the handlers as its file path, unopened. `gr.Image` opens every upload with PIL
+    while preprocessing it, so a text file or a decompression bomb failed inside gradio, with its internal error
+    instead of `load_image`'s message (which also enforces the demo's size limits)."""
+
+    is_template = True  # the page draws it as a gr.Image
+
+    def preprocess(self, payload: Any) -> str | None:
+        if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        try:
+            return super().preprocess(payload)  # pasted data: URLs, decoded by gradio
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise gr.Error(f"The pasted image cannot be read: {error}") from None
 
 
 def _session(request: gr.Request | None) -> str:
