@@ -7,16 +7,17 @@ import argparse
 from collections.abc import Callable
 
 
-def int_at_least(least: int) -> Callable[[str], int]:
-    """An argparse `type`: an integer of at least `least`."""
+def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: an integer of at least `least` (and at most `most`, if given)."""
 
     def parse(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-        if number < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {number}")
+        if number < least or (most is not None and number > most):
+            bounds = f"at least {least}" if most is None else f"between {least} and {most}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {number}")
         return number
 
     return parse

@@ -56,8 +56,8 @@ def read_json(path: PathLike) -> Any:
     with open(path, encoding="utf-8") as file:
         try:
             return json.load(file)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON (UTF-8 text): {error}") from error
 
 
 def read_images(path: PathLike) -> dict[str, str]:
