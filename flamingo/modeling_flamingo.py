@@ -354,6 +354,7 @@ def _check_shapes(
     attention_mask: torch.Tensor | None,
     image_rows: int | None,
     attended_image: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
 ) -> None:
     """Shape-only checks (no host sync, so also cheap at every decoding step): one text row per image row, never
     broadcast, and 2-D integer token ids."""
@@ -372,9 +373,11 @@ def _check_shapes(
             f"input_ids has {rows} rows but the images have {image_rows} (vision_x / media_cache batch); "
             "each text row needs its own row of images"
         )
-    for name, tensor in (("attention_mask", attention_mask), ("attended_image", attended_image)):
+    for name, tensor in (("attention_mask", attention_mask), ("attended_image", attended_image), ("labels", labels)):
         if tensor is not None and tensor.shape[0] != rows:
             raise ValueError(f"{name} has {tensor.shape[0]} rows but input_ids has {rows}")
+    if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected input_ids' {tuple(input_ids.shape)}")
 
 
 def _check_image_count(counts: list[int], num_images: int, media_token_id: int) -> None:
@@ -574,7 +577,7 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
             raise ValueError("pass either vision_x or media_cache, not both")
         if vision_x is not None:
             _check_vision_x(vision_x)
-        _check_shapes(input_ids, inputs_embeds, attention_mask, _image_rows(vision_x, media_cache), attended_image)
+        _check_shapes(input_ids, inputs_embeds, attention_mask, _image_rows(vision_x, media_cache), attended_image, labels)
         if attended_image is None:
             if input_ids is None:
                 raise ValueError("with inputs_embeds, pass attended_image (see FlamingoModel.attended_images)")

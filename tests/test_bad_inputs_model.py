@@ -76,6 +76,14 @@ def test_media_cache_and_masks_must_match_the_rows(model):
         model.generate(input_ids=input_ids, vision_x=image(), attention_mask=torch.ones(2, 3, dtype=torch.long), **GREEDY)
 
 
+def test_labels_must_have_the_shape_of_input_ids(model):
+    input_ids = torch.tensor([[1, IMAGE, 5, 6]])
+    with pytest.raises(ValueError, match=r"labels has shape \(1, 3\); expected input_ids' \(1, 4\)"):
+        model(input_ids=input_ids, vision_x=image(), labels=input_ids[:, :3])
+    with pytest.raises(ValueError, match="labels has 2 rows but input_ids has 1"):
+        model(input_ids=input_ids, vision_x=image(), labels=input_ids.repeat(2, 1))
+
+
 # ---- types, shapes, token ids -----------------------------------------------------------------------
 @pytest.mark.parametrize("input_ids, error", [
     (torch.tensor([1, IMAGE, 5]), r"input_ids must be a 2-D tensor of token ids \(batch, tokens\); got \(3,\)"),
@@ -94,6 +102,7 @@ def test_bad_token_ids(model, input_ids, error):
     ((torch.rand(1, 1, 1, 3, 32, 32) * 255).to(torch.uint8), "vision_x is torch.uint8; pass normalized float pixel values"),
     (torch.randn(1, 1, 3, 32, 32), r"vision_x must be \(batch, images, frames, channels, height, width\); got shape \(1, 1, 3, 32, 32\)"),
     (image().numpy(), "vision_x must be a torch tensor .* got ndarray"),
+    (torch.randn(1, 1, 1, 3, 64, 64), r"Input image size \(64\*64\) doesn't match model \(32\*32\)"),  # CLIP's own check
 ])
 @pytest.mark.parametrize("entry", ["forward", "generate"])
 def test_bad_vision_x(model, entry, vision_x, error):
