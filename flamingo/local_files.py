@@ -27,16 +27,17 @@ def looks_like_local_path(name: str | os.PathLike) -> bool:
     return text.startswith(("/", ".", "~")) or text.replace(os.sep, "/").strip("/").count("/") >= 2 or "\\" in text
 
 
-def check_local_model(name: str | os.PathLike, *, weights: bool = True) -> None:
-    """Raise a clear error for a local model folder that cannot load: missing, a file, or (with `weights`) a
-    missing or truncated safetensors file. Hub ids and names that are not folders pass unchecked."""
+def check_local_model(name: str | os.PathLike, *, weights: bool = True, what: str = "model") -> None:
+    """Raise a clear error for a local `what` folder (model, tokenizer, ...) that cannot load: missing, a file, or
+    (with `weights`) a missing or truncated safetensors file. Hub ids and names that are not folders pass
+    unchecked."""
     path = Path(os.path.expanduser(os.fspath(name)))
     if not path.exists():
         if looks_like_local_path(name):
-            raise FileNotFoundError(f"model folder {name} does not exist")
+            raise FileNotFoundError(f"{what} folder {name} does not exist")
         return
     if not path.is_dir():
-        raise NotADirectoryError(f"{name} is a file; expected a model folder (with config.json)")
+        raise NotADirectoryError(f"{name} is a file; expected a {what} folder")
     if weights:
         check_safetensors_files(path)
 

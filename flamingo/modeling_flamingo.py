@@ -531,21 +531,26 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
             return bool(torch.rand(()) < 0.5)
         return False
 
-    def _check_prompt(self, input_ids: torch.Tensor, num_images: int) -> None:
+    def _check_prompt(self, input_ids: torch.Tensor, vision_x: torch.Tensor | None, media_cache: MediaCache | None) -> None:
         """Checks of a whole prompt, made once (by `forward` without `attended_image`, and by `generate` before its
         first step) with a single host sync: token ids inside the vocabulary, no more positions than the language
-        model has, and images matching the `<image>` tokens (see `_check_image_count`)."""
+        model has, finite pixels, and images matching the `<image>` tokens (see `_check_image_count`)."""
         length, limit = input_ids.shape[1], self.config.context_length
         if limit is not None and length > limit:
             raise ValueError(
                 f"input_ids has {length} tokens, more than the language model's {limit} positions "
                 f"(text_config max_position_embeddings / max_seq_len); shorten the prompt"
             )
+        num_images = _num_images(vision_x, media_cache)
         media_per_row = (input_ids == self.config.media_token_id).sum(dim=-1)
-        low, high, *counts = torch.cat([torch.stack(input_ids.aminmax()), media_per_row]).tolist()
+        # NaN or infinite pixels would turn every logit that sees the image into NaN, without an error.
+        finite = torch.isfinite(vision_x).all().to(input_ids.device) if vision_x is not None else input_ids.new_ones(())
+        low, high, all_finite, *counts = torch.cat([torch.stack([*input_ids.aminmax(), finite.long()]), media_per_row]).tolist()
         vocab = self.config.text_config.vocab_size
         if low < 0 or high >= vocab:
             raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the vocabulary 0..{vocab - 1}")
+        if not all_finite:
+            raise ValueError("vision_x holds NaN or infinite values; pass finite pixel values, as the processor makes them")
         _check_image_count(counts, num_images, self.config.media_token_id)
 
     # ---- forward -----------------------------------------------------------------------------------
@@ -581,7 +586,7 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         if attended_image is None:
             if input_ids is None:
                 raise ValueError("with inputs_embeds, pass attended_image (see FlamingoModel.attended_images)")
-            self._check_prompt(input_ids, _num_images(vision_x, media_cache))
+            self._check_prompt(input_ids, vision_x, media_cache)
             attended_image = self.attended_images(input_ids)
         if vision_x is not None:
             media_cache = self.encode_images(vision_x)
@@ -618,7 +623,7 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
             if vision_x is not None:
                 _check_vision_x(vision_x)
             _check_shapes(input_ids, None, kwargs.get("attention_mask"), _image_rows(vision_x, media_cache), None)
-            self._check_prompt(input_ids, _num_images(vision_x, media_cache))
+            self._check_prompt(input_ids, vision_x, media_cache)
             self._check_generation_length(input_ids.shape[1], generation_config or self.generation_config, kwargs)
         return super().generate(inputs, generation_config, **kwargs)
 

@@ -80,6 +80,7 @@ class FlamingoProcessor(ProcessorMixin):
         if isinstance(tokenizer_or_path, PreTrainedTokenizerBase):
             tokenizer = copy.deepcopy(tokenizer_or_path)
         else:
+            check_local_model(tokenizer_or_path, weights=False, what="tokenizer")
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_or_path, **kwargs)
         tokenizer.add_special_tokens(
             {"extra_special_tokens": list(cls.config_class.special_tokens)}, replace_extra_special_tokens=False
@@ -256,6 +257,10 @@ class FlamingoProcessor(ProcessorMixin):
         """
         rows = generated_ids.tolist() if hasattr(generated_ids, "tolist") else list(generated_ids)
         rows = [rows] if rows and isinstance(rows[0], int) else [list(row) for row in rows]
+        longest = max(map(len, rows), default=0)
+        if prompt_length is not None and not 0 <= prompt_length <= longest:
+            # A negative length would keep the *last* ids of each row: a wrong answer, not an error.
+            raise ValueError(f"prompt_length must be between 0 and the rows' {longest} ids, got {prompt_length}")
         return [
             self.tokenizer.decode(self._answer_ids(row[prompt_length or 0 :]), skip_special_tokens=True).strip()
             for row in rows

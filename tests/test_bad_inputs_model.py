@@ -102,6 +102,8 @@ def test_bad_token_ids(model, input_ids, error):
     ((torch.rand(1, 1, 1, 3, 32, 32) * 255).to(torch.uint8), "vision_x is torch.uint8; pass normalized float pixel values"),
     (torch.randn(1, 1, 3, 32, 32), r"vision_x must be \(batch, images, frames, channels, height, width\); got shape \(1, 1, 3, 32, 32\)"),
     (image().numpy(), "vision_x must be a torch tensor .* got ndarray"),
+    (torch.full((1, 1, 1, 3, 32, 32), float("nan")), "vision_x holds NaN or infinite values"),
+    (image().index_fill(4, torch.tensor([3]), float("inf")), "vision_x holds NaN or infinite values"),
     (torch.randn(1, 1, 1, 3, 64, 64), r"Input image size \(64\*64\) doesn't match model \(32\*32\)"),  # CLIP's own check
 ])
 @pytest.mark.parametrize("entry", ["forward", "generate"])

@@ -131,3 +131,17 @@ def test_prompt_longer_than_a_stated_model_max_length_is_refused(processor):
 def test_return_tensors_none_is_checked_too(processor):
     with pytest.raises(ValueError, match="would cut"):
         processor(text="word " * 20 + "<image>", images=photo(), truncation=True, max_length=5, return_tensors=None)
+
+
+# ---- decoding and loading ----------------------------------------------------------------------------------
+def test_decode_answers_refuses_a_prompt_length_outside_the_rows(processor):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for prompt_length in (-2, 5):
+        with pytest.raises(ValueError, match=f"prompt_length must be between 0 and the rows' 4 ids, got {prompt_length}"):
+            processor.decode_answers(ids, prompt_length=prompt_length)
+    assert processor.decode_answers(ids, prompt_length=4) == [""]
+
+
+def test_a_missing_base_tokenizer_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer folder .*no-tokenizer does not exist"):
+        OtterProcessor.from_base_tokenizer(str(tmp_path / "no-tokenizer"))
