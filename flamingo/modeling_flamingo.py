@@ -614,18 +614,20 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         )
 
     # ---- generation --------------------------------------------------------------------------------
-    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, **kwargs):
         """`GenerationMixin.generate`, after checking the prompt once: decoding steps pass `attended_image`, which
         skips `forward`'s prompt checks, and checking every step would cost a host sync per token."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
-            vision_x, media_cache = kwargs.get("vision_x"), kwargs.get("media_cache")
+            # `pixel_values`: the name transformers' pipelines use for the images, if the model takes it as well.
+            vision_x = kwargs.get("vision_x", kwargs.get("pixel_values"))
+            media_cache = kwargs.get("media_cache")
             if vision_x is not None:
                 _check_vision_x(vision_x)
             _check_shapes(input_ids, None, kwargs.get("attention_mask"), _image_rows(vision_x, media_cache), None)
             self._check_prompt(input_ids, vision_x, media_cache)
             self._check_generation_length(input_ids.shape[1], generation_config or self.generation_config, kwargs)
-        return super().generate(inputs, generation_config, **kwargs)
+        return super().generate(inputs, generation_config, *args, **kwargs)
 
     def _check_generation_length(self, prompt_length: int, generation_config, kwargs: dict) -> None:
         """Refuse a generation that would run past the language model's positions (beyond them, learned position
