@@ -8,6 +8,7 @@ uses the markers' positions, while the pixels go in `vision_x` of shape `(batch,
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -239,8 +240,11 @@ class FlamingoProcessor(ProcessorMixin):
         return vision_x
 
     def _pixel_values(self, images: list[Any]) -> torch.Tensor:
-        """(N, 3, H, W) pixel values of PIL images, arrays and tensors (checked by `_check_image`)."""
-        return self.image_processor([_as_uint8(image) for image in images], return_tensors="pt")["pixel_values"].float()
+        """(N, 3, H, W) pixel values of PIL images, arrays and tensors (checked by `_check_image`). An image processor
+        set up with `do_rescale=False` gets the images as they are: its user rescales them."""
+        if getattr(self.image_processor, "do_rescale", True):
+            images = [_as_uint8(image) for image in images]
+        return self.image_processor(images, return_tensors="pt")["pixel_values"].float()
 
     def decode_answers(
         self, generated_ids: torch.Tensor | Sequence[Sequence[int]], prompt_length: int | None = None
@@ -303,6 +307,8 @@ def _check_image(image: Any, name: str) -> None:
     if _dtype_kind(image) == "b":
         raise TypeError(f"{name} is a boolean array (a mask?); expected pixel values, uint8 0-255 or float 0-1.")
     low, high = _value_range(image)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} holds NaN or infinite values.")
     if low < 0 or high > 255:
         raise ValueError(
             f"{name} has values from {low:g} to {high:g}; expected pixels, 0-255 (or 0-1 as floats), not values "

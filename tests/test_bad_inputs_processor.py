@@ -57,6 +57,8 @@ def test_half_precision_tensors_are_read(processor):
     (np.full((8, 8, 3), 300.0, np.float32), r"has values from 300 to 300"),
     (np.full((8, 8, 3), 1000, np.int32), r"has values from 1000 to 1000"),
     (np.zeros((8, 8, 3), bool), "is a boolean array"),
+    (np.full((8, 8, 3), np.nan, np.float32), "image 0 of prompt 0 holds NaN or infinite values"),
+    (torch.full((3, 8, 8), float("inf")), "holds NaN or infinite values"),
     (np.zeros((8, 8, 4), np.uint8), r"has shape \(8, 8, 4\); expected 3 \(RGB\) or 1 channels"),
     (np.zeros((0, 8, 3), np.uint8), r"has shape \(0, 8, 3\): it is empty"),
     (np.zeros((8, 8), np.uint8), r"has shape \(8, 8\); expected a single image, HWC or CHW"),
@@ -145,3 +147,12 @@ def test_decode_answers_refuses_a_prompt_length_outside_the_rows(processor):
 def test_a_missing_base_tokenizer_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer folder .*no-tokenizer does not exist"):
         OtterProcessor.from_base_tokenizer(str(tmp_path / "no-tokenizer"))
+
+
+def test_an_image_processor_without_rescaling_gets_the_images_as_given(processor):
+    """Whoever turns rescaling off rescales the images themselves: float pixels in [0, 1] pass unchanged."""
+    unscaled = copy.deepcopy(processor)
+    unscaled.image_processor.do_rescale = False
+    u8 = photo()
+    difference = pixels(unscaled, u8.astype(np.float32) / 255) - pixels(processor, u8)
+    assert difference.abs().mean() < 0.01  # not identical: transformers resizes float images through another path
