@@ -147,6 +147,14 @@ def test_generation_past_the_context_is_refused(short_model):
     assert out.shape == (1, 16)
 
 
+def test_a_huge_prompt_is_refused_before_any_work(model, monkeypatch):
+    monkeypatch.setattr(model.vision_encoder, "forward", lambda *a, **k: pytest.fail("encoded images of a refused prompt"))
+    huge = torch.full((1, 100_000), 5)
+    huge[0, 1] = IMAGE
+    with pytest.raises(ValueError, match="input_ids has 100000 tokens, more than the language model's 2048 positions"):
+        model.generate(input_ids=huge, vision_x=image(), **GREEDY)
+
+
 def test_mpt_context_is_max_seq_len():
     assert tiny_config("mpt").context_length == 128
 
