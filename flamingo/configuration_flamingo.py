@@ -66,14 +66,32 @@ class FlamingoConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.cross_attn_every_n_layers < 1:
-            raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {self.cross_attn_every_n_layers}")
+        self._check_cross_attn_every_n_layers()
         missing = [field for field in self.token_id_fields if getattr(self, field) is None]
         if missing:
             ids = self.added_token_ids()
             for field in missing:
                 setattr(self, field, ids[self.token_id_fields[field]])
             logger.info(f"Special token ids not in the config; derived from the vocabulary layout: {ids}")
+
+    def _check_cross_attn_every_n_layers(self) -> None:
+        every = self.cross_attn_every_n_layers
+        if every < 1:
+            raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {every}")
+        num_layers = getattr(self.text_config, "num_hidden_layers", None)
+        if num_layers is not None and every > num_layers:
+            # (i + 1) % every == 0 would hold for no layer: a model without any cross-attention, blind to images.
+            raise ValueError(
+                f"cross_attn_every_n_layers={every} is more than the language model's {num_layers} decoder layers, "
+                f"so no layer would get cross-attention; use 1..{num_layers}"
+            )
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens the language model takes, where its config states it (LLaMA, OPT, GPT-NeoX, Qwen2:
+        `max_position_embeddings`; MPT: `max_seq_len`)."""
+        text_config = self.text_config
+        return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "max_seq_len", None)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:

@@ -62,6 +62,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .arguments import int_at_least
 from .configuration_flamingo import FlamingoConfig
 from .modeling_flamingo import FlamingoModel, find_decoder_layers
 from .processing_flamingo import PAD_TOKEN, FlamingoProcessor
@@ -240,6 +241,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     checkpoint (`{"model_state_dict": ...}`, keys possibly prefixed `module.` by DDP).
 
     Only `weights_only=True` loading: a checkpoint is data, and unpickling arbitrary objects runs code."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist" if not Path(path).exists() else f"checkpoint {path} is not a file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
@@ -328,6 +331,10 @@ def cross_attention_every(weights: dict[str, torch.Tensor], layers_path: str, nu
     """`cross_attn_every_n_layers` of a converted checkpoint: checked against `every` if given, else inferred.
 
     A wrong value would silently build blocks the checkpoint has no weights for, or drop trained ones."""
+    if every is not None and not 1 <= every <= num_layers:
+        raise ValueError(
+            f"cross_attn_every_n_layers={every} must be between 1 and the language model's {num_layers} decoder layers"
+        )
     found: dict[str, set[int]] = {}
     for key in weights:
         if match := _GATED_KEY.match(key):
@@ -650,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     vision.add_argument("--vision-encoder", help="transformers CLIP model (hub id or folder), e.g. openai/clip-vit-large-patch14")
     vision.add_argument("--open-clip-model", help="open_clip model name (e.g. ViT-L-14) or model-config .json file")
     parser.add_argument("--open-clip-pretrained", help="with --open-clip-model: pretrained tag (e.g. openai) or weights file")
-    parser.add_argument("--cross-attn-every-n-layers", type=int, help="checked against the checkpoint; inferred from it if omitted")
+    parser.add_argument("--cross-attn-every-n-layers", type=int_at_least(1), help="checked against the checkpoint; inferred from it if omitted")
     parser.add_argument("--target", choices=["flamingo", "otter"], default="flamingo", help="otter adds the <answer> token (default: flamingo)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights dtype (default: float32, as released)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only after a successful conversion)")

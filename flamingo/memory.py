@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import recipes
+from .arguments import fraction, int_at_least
 from .loading import load_config
 from .planning import GiB, meta_model, plan_device_map, resolve_device
 
@@ -281,7 +282,10 @@ def parse_gpus(spec: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(?:(\d+)\s*[x×*]\s*)?(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)?\s*", spec, re.IGNORECASE)
     if not match:
         raise ValueError(f"GPUs must look like 4x24GB, 1x80GB or 80GB; got {spec!r}")
-    return int(match.group(1) or 1), int(float(match.group(2)) * GiB)
+    count, size = int(match.group(1) or 1), int(float(match.group(2)) * GiB)
+    if count < 1 or size <= 0:
+        raise ValueError(f"GPUs must be at least one GPU of more than 0 GB (e.g. 1x24GB); got {spec!r}")
+    return count, size
 
 
 @dataclass
@@ -338,6 +342,11 @@ def plan_memory(
     single/device_map (one process), each GPU's batch for ddp/fsdp/zero2/zero3."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}")
+    for name, value, least in (("batch", batch, 1), ("seq", seq, 1), ("images", images, 0)):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin is the fraction of each GPU kept free: 0 <= margin < 1, got {margin}")
     count, capacity = parse_gpus(gpus)
     if strategy == "single" and count != 1:
         raise ValueError("strategy single needs exactly one GPU (1xNGB)")
@@ -441,24 +450,36 @@ def format_counts(counts: ParameterCounts) -> str:
     return "\n".join(lines)
 
 
+def _gpus_argument(value: str) -> str:
+    """`--gpus`, checked when parsed (so that errors are argparse's usage errors) and kept as written."""
+    try:
+        parse_gpus(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="flamingo-memory", description="Per-GPU memory of a Flamingo/Otter model (weights, gradients, AdamW "
         "state, activations, CUDA context), and whether it fits. See docs/memory.md for the assumptions.")
     parser.add_argument("model", help="a shipped config name (otter-9b-llama, openflamingo-9b-mpt7b, ...), a folder with config.json, or a hub id")
-    parser.add_argument("--gpus", default="1x80GB", help="COUNTxSIZE, e.g. 4x24GB, 2x24GB, 1x80GB (GB = GiB)")
+    parser.add_argument("--gpus", type=_gpus_argument, default="1x80GB", help="COUNTxSIZE, e.g. 4x24GB, 2x24GB, 1x80GB (GB = GiB)")
     parser.add_argument("--mode", choices=["inference", "training"], default="training")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--batch", type=int, default=1, help="per process (the whole batch for single/device_map)")
-    parser.add_argument("--seq", type=int, default=512, help="text tokens per sample")
-    parser.add_argument("--images", type=int, default=1, help="images per sample")
+    parser.add_argument("--batch", type=int_at_least(1), default=1, help="per process (the whole batch for single/device_map)")
+    parser.add_argument("--seq", type=int_at_least(1), default=512, help="text tokens per sample")
+    parser.add_argument("--images", type=int_at_least(0), default=1, help="images per sample")
     parser.add_argument("--strategy", choices=STRATEGIES, default="single")
     parser.add_argument("--trainable", choices=recipes.TRAINABLE_SETS, default="otter")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
                         help="8-bit weights (bitsandbytes) for the LM decoder layers")
-    parser.add_argument("--margin", type=float, default=0.1, help="fraction of each GPU kept free (default 0.1)")
-    return parser.parse_args(argv)
+    parser.add_argument("--margin", type=fraction, default=0.1, help="fraction of each GPU kept free, 0 <= margin < 1 (default 0.1)")
+    args = parser.parse_args(argv)
+    if args.strategy == "single" and parse_gpus(args.gpus)[0] != 1:
+        parser.error(f"--strategy single runs on one GPU, but --gpus {args.gpus} has more; use 1xSIZE or another strategy")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

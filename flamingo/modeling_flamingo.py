@@ -37,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
+from .local_files import check_local_model
 from .recipes import FP32_MODULES
 
 logger = logging.get_logger(__name__)
@@ -309,6 +310,11 @@ def splice_cross_attention(language_model: nn.Module, config: FlamingoConfig) ->
     n-1, 2n-1, ... (n = `cross_attn_every_n_layers`). Returns the decoder layers' path."""
     path, layers = find_decoder_layers(language_model, config.decoder_layers_attr_name)
     n = config.cross_attn_every_n_layers
+    if not 1 <= n <= len(layers):
+        raise ValueError(
+            f"cross_attn_every_n_layers={n} puts cross-attention before no decoder layer of "
+            f"{type(language_model).__name__}'s {len(layers)} (at {path}); use 1..{len(layers)}"
+        )
     for i, layer in enumerate(layers):
         block = GatedCrossAttentionBlock(config, layer_idx=i) if (i + 1) % n == 0 else None
         layers[i] = FlamingoLayer(layer, block)
@@ -333,8 +339,72 @@ def _train_only_rows(weight: nn.Parameter, rows: list[int]) -> torch.utils.hooks
 
 
 def _check_vision_x(vision_x: torch.Tensor) -> None:
+    if not isinstance(vision_x, torch.Tensor):
+        raise TypeError(f"vision_x must be a torch tensor (the processor's output), got {type(vision_x).__name__}")
     if vision_x.ndim != 6:
         raise ValueError(f"vision_x must be (batch, images, frames, channels, height, width); got shape {tuple(vision_x.shape)}")
+    if not vision_x.is_floating_point():
+        # Raw 0-255 pixels would be cast to float as they are, never normalized: a silently wrong image.
+        raise TypeError(f"vision_x is {vision_x.dtype}; pass normalized float pixel values, as the processor makes them")
+
+
+def _check_shapes(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    image_rows: int | None,
+    attended_image: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+) -> None:
+    """Shape-only checks (no host sync, so also cheap at every decoding step): one text row per image row, never
+    broadcast, and 2-D integer token ids."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pass input_ids (or inputs_embeds with attended_image)")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a 2-D tensor of token ids (batch, tokens); got {shape}"
+                             + (f" {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else ""))
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids has no tokens (shape (batch, 0))")
+    rows = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+    if image_rows is not None and image_rows != rows:
+        raise ValueError(
+            f"input_ids has {rows} rows but the images have {image_rows} (vision_x / media_cache batch); "
+            "each text row needs its own row of images"
+        )
+    for name, tensor in (("attention_mask", attention_mask), ("attended_image", attended_image), ("labels", labels)):
+        if tensor is not None and tensor.shape[0] != rows:
+            raise ValueError(f"{name} has {tensor.shape[0]} rows but input_ids has {rows}")
+    if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected input_ids' {tuple(input_ids.shape)}")
+
+
+def _check_image_count(counts: list[int], num_images: int, media_token_id: int) -> None:
+    """`counts`: `<image>` tokens per row. Every `<image>` needs an image; every image slot must be used by at least
+    one row (rows with fewer images than slots have zero padding there)."""
+    for row, count in enumerate(counts):
+        if count > num_images:
+            hint = " (no images were given: pass vision_x or media_cache)" if num_images == 0 else ""
+            raise ValueError(
+                f"row {row} of input_ids has {count} <image> tokens (id {media_token_id}) "
+                f"but vision_x holds {num_images} images per row{hint}"
+            )
+    if max(counts) < num_images:
+        where = f"row 0 has {counts[0]}" if len(counts) == 1 else f"no row has more than {max(counts)}"
+        raise ValueError(f"vision_x holds {num_images} images per row but {where} <image> tokens")
+
+
+def _image_rows(vision_x: torch.Tensor | None, media_cache: MediaCache | None) -> int | None:
+    if vision_x is not None:
+        return vision_x.shape[0]
+    return media_cache.latents.shape[0] if media_cache is not None else None
+
+
+def _num_images(vision_x: torch.Tensor | None, media_cache: MediaCache | None) -> int:
+    if vision_x is not None:
+        return vision_x.shape[1]
+    return media_cache.num_images if media_cache is not None else 0
 
 
 @dataclass
@@ -362,6 +432,13 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     # Buffers that older transformers saved (LLaMA's rotary `inv_freq`, CLIP's `position_ids`), and the
     # frame embeddings some image-only checkpoints carry: present in published files, unused here.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$", r"\.position_ids$", r"^perceiver\.frame_embs$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A missing local folder or a truncated shard otherwise fails with messages naming neither.
+        if pretrained_model_name_or_path is not None:
+            check_local_model(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -454,18 +531,27 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
             return bool(torch.rand(()) < 0.5)
         return False
 
-    def _check_image_count(self, input_ids: torch.Tensor, num_images: int) -> None:
-        """Every `<image>` needs an image; every image slot must be used by at least one row."""
-        counts = (input_ids == self.config.media_token_id).sum(dim=-1).tolist()
-        for row, count in enumerate(counts):
-            if count > num_images:
-                raise ValueError(
-                    f"row {row} of input_ids has {count} <image> tokens (id {self.config.media_token_id}) "
-                    f"but vision_x holds {num_images} images per row"
-                )
-        if max(counts) < num_images:
-            where = f"row 0 has {counts[0]}" if len(counts) == 1 else f"no row has more than {max(counts)}"
-            raise ValueError(f"vision_x holds {num_images} images per row but {where} <image> tokens")
+    def _check_prompt(self, input_ids: torch.Tensor, vision_x: torch.Tensor | None, media_cache: MediaCache | None) -> None:
+        """Checks of a whole prompt, made once (by `forward` without `attended_image`, and by `generate` before its
+        first step) with a single host sync: token ids inside the vocabulary, no more positions than the language
+        model has, finite pixels, and images matching the `<image>` tokens (see `_check_image_count`)."""
+        length, limit = input_ids.shape[1], self.config.context_length
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"input_ids has {length} tokens, more than the language model's {limit} positions "
+                f"(text_config max_position_embeddings / max_seq_len); shorten the prompt"
+            )
+        num_images = _num_images(vision_x, media_cache)
+        media_per_row = (input_ids == self.config.media_token_id).sum(dim=-1)
+        # NaN or infinite pixels would turn every logit that sees the image into NaN, without an error.
+        finite = torch.isfinite(vision_x).all().to(input_ids.device) if vision_x is not None else input_ids.new_ones(())
+        low, high, all_finite, *counts = torch.cat([torch.stack([*input_ids.aminmax(), finite.long()]), media_per_row]).tolist()
+        vocab = self.config.text_config.vocab_size
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the vocabulary 0..{vocab - 1}")
+        if not all_finite:
+            raise ValueError("vision_x holds NaN or infinite values; pass finite pixel values, as the processor makes them")
+        _check_image_count(counts, num_images, self.config.media_token_id)
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(
@@ -496,11 +582,11 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
             raise ValueError("pass either vision_x or media_cache, not both")
         if vision_x is not None:
             _check_vision_x(vision_x)
+        _check_shapes(input_ids, inputs_embeds, attention_mask, _image_rows(vision_x, media_cache), attended_image, labels)
         if attended_image is None:
             if input_ids is None:
                 raise ValueError("with inputs_embeds, pass attended_image (see FlamingoModel.attended_images)")
-            num_images = vision_x.shape[1] if vision_x is not None else media_cache.num_images if media_cache else 0
-            self._check_image_count(input_ids, num_images)
+            self._check_prompt(input_ids, vision_x, media_cache)
             attended_image = self.attended_images(input_ids)
         if vision_x is not None:
             media_cache = self.encode_images(vision_x)
@@ -528,6 +614,34 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         )
 
     # ---- generation --------------------------------------------------------------------------------
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, **kwargs):
+        """`GenerationMixin.generate`, after checking the prompt once: decoding steps pass `attended_image`, which
+        skips `forward`'s prompt checks, and checking every step would cost a host sync per token."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None:
+            # `pixel_values`: the name transformers' pipelines use for the images, if the model takes it as well.
+            vision_x = kwargs.get("vision_x", kwargs.get("pixel_values"))
+            media_cache = kwargs.get("media_cache")
+            if vision_x is not None:
+                _check_vision_x(vision_x)
+            _check_shapes(input_ids, None, kwargs.get("attention_mask"), _image_rows(vision_x, media_cache), None)
+            self._check_prompt(input_ids, vision_x, media_cache)
+            self._check_generation_length(input_ids.shape[1], generation_config or self.generation_config, kwargs)
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
+    def _check_generation_length(self, prompt_length: int, generation_config, kwargs: dict) -> None:
+        """Refuse a generation that would run past the language model's positions (beyond them, learned position
+        tables fail and rotary ones give unreliable text)."""
+        limit = self.config.context_length
+        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        # Without max_new_tokens only an explicit max_length counts: the default one (20) is not the user's request.
+        total = prompt_length + max_new_tokens if max_new_tokens is not None else kwargs.get("max_length")
+        if limit is not None and total is not None and total > limit:
+            raise ValueError(
+                f"a {prompt_length}-token prompt generating up to {total} tokens exceeds the language model's {limit} "
+                f"positions; ask for at most {max(limit - prompt_length, 0)} new tokens or shorten the prompt"
+            )
+
     def prepare_inputs_for_generation(
         self, input_ids, vision_x=None, media_cache=None, attended_image=None, **kwargs
     ) -> dict:

@@ -8,16 +8,21 @@ uses the markers' positions, while the pixels go in `vision_x` of shape `(batch,
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessor, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_utils import is_valid_image
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
+from .local_files import check_local_model
 
 logger = logging.get_logger(__name__)
 
@@ -76,6 +81,7 @@ class FlamingoProcessor(ProcessorMixin):
         if isinstance(tokenizer_or_path, PreTrainedTokenizerBase):
             tokenizer = copy.deepcopy(tokenizer_or_path)
         else:
+            check_local_model(tokenizer_or_path, weights=False, what="tokenizer")
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_or_path, **kwargs)
         tokenizer.add_special_tokens(
             {"extra_special_tokens": list(cls.config_class.special_tokens)}, replace_extra_special_tokens=False
@@ -85,6 +91,11 @@ class FlamingoProcessor(ProcessorMixin):
         added = [*cls.config_class.special_tokens, tokenizer.pad_token]
         logger.info(f"Special token ids: {dict(zip(added, tokenizer.convert_tokens_to_ids(added), strict=True))}")
         return cls(image_processor=image_processor or CLIPImageProcessor(), tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlamingoProcessor:
+        check_local_model(pretrained_model_name_or_path, weights=False)  # a missing folder, not "Repo id must be ..."
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _check_special_tokens(self) -> None:
         """Fail early when given a base tokenizer: without the special tokens `<image>` would be split into pieces
@@ -149,16 +160,37 @@ class FlamingoProcessor(ProcessorMixin):
             float32 `(B, T_img, 1, 3, H, W)` with `T_img` the most images of any prompt; rows with fewer images are
             zero-padded at the end.
         """
-        if text is None:
-            raise ValueError(f"{type(self).__name__} needs `text`: every image is placed by a {MEDIA_TOKEN} marker.")
-        prompts = [text] if isinstance(text, str) else list(text)
-        images_per_prompt = self._images_per_prompt(images, [prompt.count(MEDIA_TOKEN) for prompt in prompts])
+        prompts = _prompts(text, type(self).__name__)
+        marker_counts = [prompt.count(MEDIA_TOKEN) for prompt in prompts]
+        images_per_prompt = self._images_per_prompt(images, marker_counts)
 
         tokenizer_kwargs = {"padding": True, **tokenizer_kwargs}
         data = dict(self.tokenizer(prompts, return_tensors=return_tensors, **tokenizer_kwargs))
+        self._check_tokenized(data["input_ids"], marker_counts, tokenizer_kwargs)
         if any(images_per_prompt):
             data["vision_x"] = self._vision_x(images_per_prompt)
         return BatchFeature(data=data)
+
+    def _check_tokenized(self, input_ids: Any, marker_counts: list[int], tokenizer_kwargs: dict) -> None:
+        """Truncation must not cut `<image>` markers (their images would stay, attached to no token, and the model
+        would refuse them or, worse, give later images to earlier text); and a prompt must fit the tokenizer's
+        `model_max_length` when it states one."""
+        rows = input_ids.tolist() if hasattr(input_ids, "tolist") else list(input_ids)
+        media, limit = self.media_token_id, self.tokenizer.model_max_length
+        for i, (row, expected) in enumerate(zip(rows, marker_counts, strict=True)):
+            kept = row.count(media)
+            if kept != expected:
+                length = tokenizer_kwargs.get("max_length", limit)
+                raise ValueError(
+                    f"Truncating prompt {i} to {length} tokens would cut {expected - kept} of its {expected} "
+                    f"{MEDIA_TOKEN} markers while keeping their images; shorten its text, raise max_length, or "
+                    f"drop the images whose markers do not fit."
+                )
+            if not tokenizer_kwargs.get("truncation") and limit < VERY_LARGE_INTEGER and len(row) > limit:
+                raise ValueError(
+                    f"Prompt {i} is {len(row)} tokens, more than the tokenizer's model_max_length of {limit}; "
+                    "shorten it (truncation=True cuts it, as long as no <image> marker is cut)."
+                )
 
     def _images_per_prompt(self, images: Any, marker_counts: list[int]) -> list[list[Any]]:
         """Normalize `images` to one list per prompt, checking it against the prompts' `<image>` markers."""
@@ -199,13 +231,20 @@ class FlamingoProcessor(ProcessorMixin):
 
     def _vision_x(self, images_per_prompt: list[list[Any]]) -> torch.Tensor:
         flat = [image for row in images_per_prompt for image in row]
-        pixels = self.image_processor(flat, return_tensors="pt")["pixel_values"].float()
+        pixels = self._pixel_values(flat)
         vision_x = pixels.new_zeros(len(images_per_prompt), max(map(len, images_per_prompt)), 1, *pixels.shape[1:])
         start = 0
         for i, row in enumerate(images_per_prompt):
             vision_x[i, : len(row), 0] = pixels[start : start + len(row)]
             start += len(row)
         return vision_x
+
+    def _pixel_values(self, images: list[Any]) -> torch.Tensor:
+        """(N, 3, H, W) pixel values of PIL images, arrays and tensors (checked by `_check_image`). An image processor
+        set up with `do_rescale=False` gets the images as they are: its user rescales them."""
+        if getattr(self.image_processor, "do_rescale", True):
+            images = [_as_uint8(image) for image in images]
+        return self.image_processor(images, return_tensors="pt")["pixel_values"].float()
 
     def decode_answers(
         self, generated_ids: torch.Tensor | Sequence[Sequence[int]], prompt_length: int | None = None
@@ -222,6 +261,10 @@ class FlamingoProcessor(ProcessorMixin):
         """
         rows = generated_ids.tolist() if hasattr(generated_ids, "tolist") else list(generated_ids)
         rows = [rows] if rows and isinstance(rows[0], int) else [list(row) for row in rows]
+        longest = max(map(len, rows), default=0)
+        if prompt_length is not None and not 0 <= prompt_length <= longest:
+            # A negative length would keep the *last* ids of each row: a wrong answer, not an error.
+            raise ValueError(f"prompt_length must be between 0 and the rows' {longest} ids, got {prompt_length}")
         return [
             self.tokenizer.decode(self._answer_ids(row[prompt_length or 0 :]), skip_special_tokens=True).strip()
             for row in rows
@@ -233,12 +276,73 @@ class FlamingoProcessor(ProcessorMixin):
         return ids[: ids.index(eoc)] if eoc in ids else ids
 
 
+def _prompts(text: Any, processor_name: str) -> list[str]:
+    if text is None:
+        raise ValueError(f"{processor_name} needs `text`: every image is placed by a {MEDIA_TOKEN} marker.")
+    prompts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+    if prompts is None:
+        raise TypeError(f"`text` must be a string or a list of strings, not a {type(text).__name__}.")
+    if not prompts:
+        raise ValueError("`text` is an empty list: give at least one prompt.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"Prompt {i} is a {type(prompt).__name__}, not a string.")
+    return prompts
+
+
 def _check_image(image: Any, name: str) -> None:
-    """Reject what `CLIPImageProcessor` would fail on with an obscure message, or misread as a batch of images."""
+    """Reject what `CLIPImageProcessor` would fail on with an obscure message, or misread: a batch of images, a
+    channel count it cannot normalize, pixel values outside 0-255 (or [0, 1] for floats)."""
     if not is_valid_image(image):
         raise TypeError(f"{name} is a {type(image).__name__}; expected a PIL image, a numpy array or a torch tensor.")
-    if getattr(image, "ndim", 3) != 3:
-        raise ValueError(f"{name} has shape {tuple(image.shape)}; expected a single image, HWC or CHW.")
+    if isinstance(image, PIL.Image.Image):
+        return
+    shape = tuple(image.shape)
+    if len(shape) != 3:
+        raise ValueError(f"{name} has shape {shape}; expected a single image, HWC or CHW.")
+    if 0 in shape:
+        raise ValueError(f"{name} has shape {shape}: it is empty.")
+    if shape[-1] not in (1, 3) and shape[0] not in (1, 3):
+        raise ValueError(f"{name} has shape {shape}; expected 3 (RGB) or 1 channels first or last (convert RGBA to RGB).")
+    if _dtype_kind(image) == "b":
+        raise TypeError(f"{name} is a boolean array (a mask?); expected pixel values, uint8 0-255 or float 0-1.")
+    low, high = _value_range(image)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} holds NaN or infinite values.")
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"{name} has values from {low:g} to {high:g}; expected pixels, 0-255 (or 0-1 as floats), not values "
+            "already normalized (pass the raw image: the processor normalizes it)."
+        )
+
+
+def _dtype_kind(image: Any) -> str:
+    """numpy's dtype kind of an array or tensor: "u"/"i" integers, "f" floats, "b" booleans."""
+    if isinstance(image, torch.Tensor):
+        return "b" if image.dtype == torch.bool else "f" if image.is_floating_point() else "i"
+    return np.asarray(image).dtype.kind
+
+
+def _value_range(image: Any) -> tuple[float, float]:
+    array = image.float() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return float(array.min()), float(array.max())
+
+
+def _as_uint8(image: Any) -> Any:
+    """An array or tensor as 0-255 uint8 pixels, in its own layout; PIL images as they are.
+
+    The image processor would divide float pixels in [0, 1] by 255 again (a black image), and its resize goes
+    through 8-bit PIL images anyway, truncating floats: rounding here makes a float image in [0, 1] give exactly the
+    pixel values of the uint8 image it came from. Float images are read as [0, 1] when none of their values exceeds
+    1 (so a float image in 0-255 that dark reads as [0, 1] too), else as 0-255."""
+    if isinstance(image, PIL.Image.Image):
+        return image
+    if _dtype_kind(image) != "f":
+        return image.to(torch.uint8) if isinstance(image, torch.Tensor) else np.asarray(image).astype(np.uint8)
+    scale = 255.0 if _value_range(image)[1] <= 1 else 1.0
+    if isinstance(image, torch.Tensor):
+        return (image.float() * scale).round().to(torch.uint8)
+    return np.round(np.asarray(image, dtype=np.float32) * scale).astype(np.uint8)
 
 
 __all__ = ["FlamingoProcessor"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -81,8 +82,17 @@ def _decode_image(source: Path | io.BytesIO, size: int, name: str) -> Image.Imag
                 raise InputError(f"{name} is {width}×{height} px; images are limited to {MAX_IMAGE_SIDE} px "
                                  "a side.")
             return image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:  # a valid image, refused by Pillow before its size is known here
+        raise InputError(f"{name} has too many pixels ({_pixel_count(error)}); images are limited to "
+                         f"{MAX_IMAGE_SIDE} px a side.") from error
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InputError(f"{name} is not an image (or not one Pillow can read).") from error
+
+
+def _pixel_count(error: Image.DecompressionBombError) -> str:
+    """The image's pixel count as Pillow's message states it ("Image size (N pixels) exceeds limit ...")."""
+    match = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(match.group(1)):,} pixels" if match else f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
 
 
 def check_text(text: str, what: str) -> str:

@@ -13,14 +13,16 @@ Any number of browser tabs can chat at once; their questions queue for the model
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from otter.client import add_api_arguments, connect
 from otter.conversation import (
@@ -162,8 +164,8 @@ class Demo:
                         "show Otter what to do. Leave a slot empty to skip it.")
             for number in range(1, EXAMPLE_SLOTS + 1):
                 with gr.Row(equal_height=True):
-                    slots.append(gr.Image(type="filepath", label=f"Example {number}", height=110, min_width=100,
-                                          sources=["upload", "clipboard"]))
+                    slots.append(image_slot(label=f"Example {number}", height=110, min_width=100,
+                                            sources=["upload", "clipboard"]))
                     with gr.Column(min_width=160):
                         slots.append(gr.Textbox(label=f"Question {number}", lines=1, max_lines=2))
                         slots.append(gr.Textbox(label=f"Answer {number}", lines=1, max_lines=2))
@@ -181,6 +183,25 @@ class Demo:
                           info="1 streams the answer token by token; beam search shows it when complete"),
                 gr.Slider(0, 8, s.no_repeat_ngram_size, step=1, label="No-repeat n-gram size (0: off)"),
             ]
+
+
+def image_slot(**kwargs: Any) -> gr.Image:
+    """A `gr.Image(type="filepath")` whose uploads reach the handlers as their paths, unopened. `gr.Image` opens every
+    upload with PIL while preprocessing it, so a text file or a decompression bomb failed inside gradio with its
+    internal error instead of `load_image`'s message (which also enforces the demo's size limits). Patched on the
+    instance: a subclass of a gradio component makes gradio write a .pyi file beside this module at import."""
+    slot = gr.Image(type="filepath", **kwargs)
+    slot.preprocess = functools.partial(_unopened_upload, slot.preprocess)
+    return slot
+
+
+def _unopened_upload(preprocess: Callable[[Any], str | None], payload: Any) -> str | None:
+    if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+        return str(payload.path)
+    try:
+        return preprocess(payload)  # pasted data: URLs, decoded by gradio
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise gr.Error(f"The pasted image cannot be read: {error}") from None
 
 
 def _session(request: gr.Request | None) -> str:

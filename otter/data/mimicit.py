@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .samples import EncodedImage, InstructionDataset, InstructionSample
+from .samples import EncodedImage, InstructionDataset, InstructionSample, text_problem
 
 PathLike = str | os.PathLike
 
@@ -54,7 +54,10 @@ def _json_lines(mapping: dict[str, Any]) -> str:
 
 def read_json(path: PathLike) -> Any:
     with open(path, encoding="utf-8") as file:
-        return json.load(file)
+        try:
+            return json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON (UTF-8 text): {error}") from error
 
 
 def read_images(path: PathLike) -> dict[str, str]:
@@ -80,17 +83,19 @@ def row_problem(row: Any, images: dict[str, str]) -> str | None:
     """Why an instruction row cannot be a chunk (the bad-row reason), or None if it can."""
     if not isinstance(row, dict):
         return "unknown_instruction_id" if row is None else "malformed_row"
-    if not str(row.get("instruction", "")).strip():
-        return "empty_instruction"
-    if not str(row.get("answer", "")).strip():
-        return "empty_answer"
+    if problem := text_problem(row, "instruction") or text_problem(row, "answer"):
+        return problem
     image_ids = row.get("image_ids") or []
+    if not isinstance(image_ids, list) or not all(isinstance(image_id, str) for image_id in image_ids):
+        return "malformed_row"  # a bare string would otherwise read as one image id per character
     if not image_ids:
         return "no_image"
     if len(image_ids) > 1:
         return "multiple_images"
     if image_ids[0] not in images:
         return "missing_image"
+    if not isinstance(images[image_ids[0]], str):
+        return "bad_base64"
     return None
 
 
@@ -123,6 +128,11 @@ class MimicItDataset(InstructionDataset):
         self._rows: dict[str, dict] = instructions["data"]
         self._images = read_images(images_path)
         self._train_config: dict[str, list[str]] | None = read_json(train_config_path) if train_config_path else None
+        if self._train_config is not None and not isinstance(self._train_config, dict):
+            raise ValueError(
+                f"{train_config_path}: expected a JSON object {{query id: [in-context ids]}}, "
+                f"got {type(self._train_config).__name__}"
+            )
         self._num_in_context = num_in_context
         self._seed = seed
 
@@ -158,9 +168,12 @@ class MimicItDataset(InstructionDataset):
         )
 
     def _in_context_ids(self, query_id: str) -> list[str]:
-        if self._train_config is not None:
-            return list(self._train_config[query_id])
-        return list(self._rows[query_id].get("rel_ins_ids") or [])
+        ids = self._train_config[query_id] if self._train_config is not None else self._rows[query_id].get("rel_ins_ids")
+        if ids is not None and not isinstance(ids, list):
+            # Not iterated: a string would give one "id" per character.
+            where = "the train config's entry" if self._train_config is not None else "rel_ins_ids"
+            raise ValueError(f"{where} of instruction {query_id!r} is a {type(ids).__name__}, not a list of ids")
+        return list(ids or [])
 
     def _choose(self, query_id: str, examples: list[str]) -> list[str]:
         if self._num_in_context is None or len(examples) <= self._num_in_context:

@@ -21,6 +21,7 @@ is exhausted), so the same file gives the same samples in every process.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -125,12 +126,21 @@ def load_mixture(path: str | os.PathLike) -> WeightedMixture:
     if not entries:
         raise ValueError(f"{path}: expected a list of datasets, or a mapping with a 'datasets' list")
     datasets, weights, num_samples = [], [], []
-    for entry in entries:
-        dataset, weight, count = _load_entry(dict(entry), path.parent)
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: dataset entry {number} is a {type(entry).__name__}, not a mapping of its settings")
+        dataset, weight, count = _load_entry(dict(entry), path.parent, f"{path}: dataset entry {number}")
         datasets.append(dataset)
         weights.append(weight)
         num_samples.append(count)
+    for key in ("length", "seed"):
+        if spec.get(key) is not None and not _is_int(spec[key]):
+            raise ValueError(f"{path}: {key} must be an integer, got {spec[key]!r}")
     return WeightedMixture(datasets, weights, spec.get("length"), num_samples, spec.get("seed", 0))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_spec(path: Path) -> Any:
@@ -145,13 +155,33 @@ def _read_spec(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _load_entry(entry: dict[str, Any], root: Path) -> tuple[torch.utils.data.Dataset, float | None, int | None]:
-    """A component dataset, its weight (None: unset) and its `num_samples` (None: unset)."""
+def _load_entry(
+    entry: dict[str, Any], root: Path, name: str
+) -> tuple[torch.utils.data.Dataset, float | None, int | None]:
+    """A component dataset, its weight (None: unset) and its `num_samples` (None: unset); `name` says which entry
+    of which file, for errors."""
     kind = entry.pop("type", None)
     if kind not in DATASET_TYPES:
-        raise ValueError(f"dataset type {kind!r} is not one of {sorted(DATASET_TYPES)}")
+        raise ValueError(f"{name}: dataset type {kind!r} is not one of {sorted(DATASET_TYPES)}")
     weight, num_samples = entry.pop("weight", None), entry.pop("num_samples", None)
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0):
+        raise ValueError(f"{name}: weight must be a positive number, got {weight!r}")
+    if num_samples is not None and not _is_int(num_samples):
+        raise ValueError(f"{name}: num_samples must be an integer (-1: all), got {num_samples!r}")
     for key, value in entry.items():
         if key.endswith("_path") and value is not None:
+            if not isinstance(value, str):
+                raise ValueError(f"{name}: {key} must be a path, got {value!r}")
             entry[key] = root / value
-    return DATASET_TYPES[kind](**entry), weight, num_samples
+    dataset_class = DATASET_TYPES[kind]
+    try:  # bound first, so that a missing or unknown key is reported as such, not as the constructor's TypeError
+        inspect.signature(dataset_class).bind(**entry)
+    except TypeError as error:
+        raise ValueError(f"{name} ({kind}): {error}; {kind} takes {_parameters(dataset_class)}") from None
+    return dataset_class(**entry), weight, num_samples
+
+
+def _parameters(dataset_class: type) -> str:
+    """`a, b, [c]`: a dataset's settings, optional ones in brackets."""
+    parameters = inspect.signature(dataset_class).parameters.values()
+    return ", ".join(p.name if p.default is inspect.Parameter.empty else f"[{p.name}]" for p in parameters)

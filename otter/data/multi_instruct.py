@@ -70,14 +70,17 @@ class MultiInstructDataset(InstructionDataset):
         bad_rows: Counter[str] = Counter()
         samples: list[InstructionSample] = []
         with open(tsv_path, encoding="utf-8", newline="") as file:
-            for line in file:
-                if max_examples is not None and len(samples) >= max_examples:
-                    break
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                try:
-                    samples.append(parse_row(line))
-                except BadRowError as error:
-                    bad_rows[error.reason] += 1
+            try:
+                for line in file:
+                    if max_examples is not None and len(samples) >= max_examples:
+                        break
+                    line = line.rstrip("\r\n")
+                    if not line.strip():
+                        continue
+                    try:
+                        samples.append(parse_row(line))
+                    except BadRowError as error:
+                        bad_rows[error.reason] += 1
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{tsv_path} is not a UTF-8 text file (a TSV): {error}") from error
         super().__init__(f"multi_instruct {Path(tsv_path).name}", samples, bad_rows)

@@ -26,12 +26,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flamingo.arguments import int_at_least
+
 from .mimicit import MimicItDataset, mimicit_paths, write_mimicit
 from .multi_instruct import MultiInstructDataset
-from .samples import BadImageError, BadRowError, EncodedImage, decode_image, describe_counts
+from .samples import BadImageError, BadRowError, EncodedImage, decode_image, describe_counts, text_problem
 from .toy import make_toy_dataset
 
 logger = logging.getLogger(__name__)
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # toy pictures: smaller shapes are unrecognisable
 
 
 @dataclass
@@ -66,6 +70,8 @@ def convert(records: Iterator[Record], out_dir: Path, meta: dict, bad_rows: Coun
             "image_ids": [record.image_id],
         }
         in_context[record.ins_id] = record.in_context
+    if not rows:  # refused before writing: an existing output folder keeps its files
+        raise ValueError(f"no usable rows ({describe_counts(bad_rows) or 'the input is empty'}); nothing written to {out_dir}")
     for ins_id, examples in in_context.items():
         known = [example for example in examples if example in rows and example != ins_id]
         bad_rows["in_context_unknown_id"] += len(examples) - len(known)
@@ -89,30 +95,42 @@ def tsv_records(tsv_path: Path, bad_rows: Counter[str]) -> Iterator[Record]:
 
 def folder_records(images_dir: Path, jsonl_path: Path, bad_rows: Counter[str]) -> Iterator[Record]:
     """The usable lines of a JSONL of instructions about images in `images_dir`."""
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder {images_dir} does not exist" if not images_dir.exists() else f"{images_dir} is not a folder")
     with open(jsonl_path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield _folder_record(images_dir, json.loads(line), number)
-            except json.JSONDecodeError:
-                bad_rows["malformed_row"] += 1
-            except BadRowError as error:
-                bad_rows[error.reason] += 1
+        try:
+            lines = list(file)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{jsonl_path} is not a UTF-8 text file (JSON lines): {error}") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield _folder_record(images_dir, json.loads(line), number)
+        except json.JSONDecodeError:
+            bad_rows["malformed_row"] += 1
+        except BadRowError as error:
+            bad_rows[error.reason] += 1
 
 
 def _folder_record(images_dir: Path, row: dict, number: int) -> Record:
     if not isinstance(row, dict):
         raise BadRowError("malformed_row", f"line {number} is not a JSON object")
-    instruction, answer = str(row.get("instruction") or "").strip(), str(row.get("answer") or "").strip()
-    if not instruction:
-        raise BadRowError("empty_instruction", f"line {number} has no instruction")
-    if not answer:
-        raise BadRowError("empty_answer", f"line {number} has no answer")
+    for key in ("instruction", "answer"):
+        if problem := text_problem(row, key):
+            raise BadRowError(problem, f"line {number}: {key} {row.get(key)!r} is not a text")
+    instruction, answer = row["instruction"].strip(), row["answer"].strip()
     image_path = images_dir / str(row.get("image") or "")
     if not row.get("image") or not image_path.is_file():
         raise BadRowError("missing_image", f"line {number}: no image file {image_path}")
-    in_context = [str(example) for example in row.get("in_context") or []]
+    if not Path(os.path.normpath(image_path)).is_relative_to(os.path.normpath(images_dir)):
+        # The output embeds the file's bytes: a JSONL must not pull in files from elsewhere on the machine (an
+        # absolute path or ../). Symbolic links inside the folder are the user's own choice, so they are followed.
+        raise BadRowError("image_outside_folder", f"line {number}: {row['image']} is not inside {images_dir}")
+    in_context = row.get("in_context") or []
+    if not isinstance(in_context, list):
+        raise BadRowError("malformed_row", f"line {number}: in_context is a {type(in_context).__name__}, not a list")
+    in_context = [str(example) for example in in_context]
     ins_id = str(row.get("id", number))
     return Record(ins_id, instruction, answer, Path(row["image"]).as_posix(), image_path.read_bytes(), in_context)
 
@@ -193,9 +211,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     toy = commands.add_parser("toy", help="build the toy dataset (train and heldout splits)")
     toy.add_argument("out", type=Path, help="folder to write the splits into (the bundled copy: otter/assets/toy)")
     toy.add_argument("--seed", type=int, default=0)
-    toy.add_argument("--num-train", type=int, default=3000)
-    toy.add_argument("--num-heldout", type=int, default=200)
-    toy.add_argument("--image-size", type=int, default=32)
+    toy.add_argument("--num-train", type=int_at_least(1), default=3000)
+    toy.add_argument("--num-heldout", type=int_at_least(1), default=200)
+    # Bounded above: every picture is drawn in memory, and 100000 px a side would be 30 GB each.
+    toy.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=32,
+                     help=f"pixels a side, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 32)")
     return parser.parse_args(argv)
 
 

@@ -38,6 +38,18 @@ class BadImageError(BadRowError):
     """An image that cannot be decoded (`bad_base64` or `unreadable_image`)."""
 
 
+def text_problem(row: dict, key: str) -> str | None:
+    """Why `row[key]` cannot be an instruction's or answer's text (`empty_<key>`, `non_text_<key>`), or None.
+    Shared by every reader so that a row counts the same everywhere: `null` is empty, not the text "None", and a
+    number or list is not text."""
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return f"empty_{key}"
+    if not isinstance(value, str):
+        return f"non_text_{key}"
+    return None
+
+
 @dataclass(frozen=True)
 class EncodedImage:
     """An image kept as base64 text (standard, or urlsafe as in OFA's TSV files) and decoded when called."""
@@ -49,7 +61,7 @@ class EncodedImage:
         """The encoded file's bytes (PNG, JPEG, ...)."""
         try:
             return base64.urlsafe_b64decode(self.data) if self.urlsafe else base64.b64decode(self.data)
-        except (binascii.Error, ValueError) as error:
+        except (binascii.Error, ValueError, TypeError) as error:  # TypeError: not text at all (a JSON null, a number)
             raise BadImageError("bad_base64", f"invalid base64 image data: {error}") from error
 
     def __call__(self) -> Image.Image:
