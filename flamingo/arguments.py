@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
+
+GiB = 2**30
 
 
 def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
@@ -32,3 +35,23 @@ def fraction(value: str) -> float:
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"must be a fraction, 0 <= value < 1; got {number}")
     return number
+
+
+def parse_gpus(spec: str) -> tuple[int, int]:
+    """`4x24GB` -> (4, 24 GiB). GPU memory is sold in GiB (a "24GB" RTX 3090 has 24576 MiB), so GB means GiB."""
+    match = re.fullmatch(r"\s*(?:(\d+)\s*[x×*]\s*)?(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)?\s*", spec, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"GPUs must look like 4x24GB, 1x80GB or 80GB; got {spec!r}")
+    count, size = int(match.group(1) or 1), int(float(match.group(2)) * GiB)
+    if count < 1 or size <= 0:
+        raise ValueError(f"GPUs must be at least one GPU of more than 0 GB (e.g. 1x24GB); got {spec!r}")
+    return count, size
+
+
+def gpus(value: str) -> str:
+    """An argparse `type` for `--gpus COUNTxSIZE`: checked when parsed, kept as written."""
+    try:
+        parse_gpus(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
+from .local_files import looks_like_local_path
 from .modeling_flamingo import FlamingoPreTrainedModel
 from .processing_flamingo import FlamingoProcessor
 from .registry import load_plugins
@@ -72,7 +73,7 @@ def resolve(name: str | os.PathLike) -> str:
     if path.exists():
         raise NotADirectoryError(f"model {text!r} is a file; expected a folder with config.json, a shipped config "
                                  f"({', '.join(shipped_names())}) or a hub id")
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+    if looks_like_local_path(text):
         raise FileNotFoundError(f"model folder {text!r} does not exist (nor is it a shipped config: "
                                 f"{', '.join(shipped_names())})")
     return text
@@ -160,6 +161,8 @@ def load_model_and_processor(
     source = resolve(name)
     model = load_model(source, device_map=device_map, dtype=dtype, load_in_8bit=load_in_8bit)
     processor = load_processor(source, tokenizer=tokenizer)
+    if model.config.context_length:  # so that the processor refuses a prompt the model cannot take
+        processor.tokenizer.model_max_length = model.config.context_length
     return Loaded(model, processor, trained=not Path(source).is_dir() or has_weights(source), name=str(name))
 
 

@@ -1,6 +1,6 @@
 """Per-GPU memory of a Flamingo/Otter model for inference or training, planned without the GPUs.
 
-    python -m flamingo.memory otter-9b-llama --gpus 4x24GB --mode training --strategy device_map --batch 4
+    flamingo-memory otter-9b-llama --gpus 4x24GB --mode training --strategy device_map --batch 4
 
 Parameter counts come from the real modules built on the meta device (`flamingo.planning.meta_model`); the trainable
 subset from the model's own `set_trainable` (as `otter-train` calls it); per-GPU weights under `device_map` from
@@ -28,9 +28,7 @@ the logits of one position.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -38,8 +36,7 @@ import torch
 from torch import nn
 
 from . import recipes
-from .arguments import fraction, int_at_least
-from .loading import load_config
+from .arguments import parse_gpus
 from .planning import GiB, meta_model, plan_device_map, resolve_device
 
 CUDA_CONTEXT = int(0.5 * GiB)
@@ -277,17 +274,6 @@ def measure_saved_bytes(model: nn.Module, batch: int, seq: int, images: int, che
 # ------------------------------------------------------------------------------------------------
 # Per-GPU plan
 # ------------------------------------------------------------------------------------------------
-def parse_gpus(spec: str) -> tuple[int, int]:
-    """`4x24GB` -> (4, 24 GiB). GPU memory is sold in GiB (a "24GB" RTX 3090 has 24576 MiB), so GB means GiB."""
-    match = re.fullmatch(r"\s*(?:(\d+)\s*[x×*]\s*)?(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)?\s*", spec, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"GPUs must look like 4x24GB, 1x80GB or 80GB; got {spec!r}")
-    count, size = int(match.group(1) or 1), int(float(match.group(2)) * GiB)
-    if count < 1 or size <= 0:
-        raise ValueError(f"GPUs must be at least one GPU of more than 0 GB (e.g. 1x24GB); got {spec!r}")
-    return count, size
-
-
 @dataclass
 class GpuMemory:
     weights: int = 0
@@ -448,57 +434,3 @@ def format_counts(counts: ParameterCounts) -> str:
         lines.append(f"{'lora (r=16)':<16} {counts.lora:>15,} {counts.lora:>15,}")
     lines.append(f"{'total':<16} {counts.total_sum + counts.lora:>15,} {counts.trainable_sum:>15,}")
     return "\n".join(lines)
-
-
-def _gpus_argument(value: str) -> str:
-    """`--gpus`, checked when parsed (so that errors are argparse's usage errors) and kept as written."""
-    try:
-        parse_gpus(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return value
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="flamingo-memory", description="Per-GPU memory of a Flamingo/Otter model (weights, gradients, AdamW "
-        "state, activations, CUDA context), and whether it fits. See docs/memory.md for the assumptions.")
-    parser.add_argument("model", help="a shipped config name (otter-9b-llama, openflamingo-9b-mpt7b, ...), a folder with config.json, or a hub id")
-    parser.add_argument("--gpus", type=_gpus_argument, default="1x80GB", help="COUNTxSIZE, e.g. 4x24GB, 2x24GB, 1x80GB (GB = GiB)")
-    parser.add_argument("--mode", choices=["inference", "training"], default="training")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--batch", type=int_at_least(1), default=1, help="per process (the whole batch for single/device_map)")
-    parser.add_argument("--seq", type=int_at_least(1), default=512, help="text tokens per sample")
-    parser.add_argument("--images", type=int_at_least(0), default=1, help="images per sample")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="single")
-    parser.add_argument("--trainable", choices=recipes.TRAINABLE_SETS, default="otter")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
-                        help="8-bit weights (bitsandbytes) for the LM decoder layers")
-    parser.add_argument("--margin", type=fraction, default=0.1, help="fraction of each GPU kept free, 0 <= margin < 1 (default 0.1)")
-    args = parser.parse_args(argv)
-    if args.strategy == "single" and parse_gpus(args.gpus)[0] != 1:
-        parser.error(f"--strategy single runs on one GPU, but --gpus {args.gpus} has more; use 1xSIZE or another strategy")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    config = load_config(args.model)
-    plan = plan_memory(
-        config, gpus=args.gpus, mode=args.mode, dtype=args.dtype, batch=args.batch, seq=args.seq, images=args.images,
-        strategy=args.strategy, trainable=args.trainable, checkpointing=args.gradient_checkpointing, int8=args.int8,
-        margin=args.margin,
-    )
-    print(f"{args.model}: {args.mode}, {args.dtype}, strategy {args.strategy}, {args.gpus}, batch {args.batch}, "
-          f"seq {args.seq}, images {args.images}, trainable {args.trainable}, "
-          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, int8 {'on' if args.int8 else 'off'}")
-    print(format_counts(plan.counts))
-    print(plan.table())
-    for note in plan.notes:
-        print("note:", note)
-    return 0 if plan.fits else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -245,7 +245,7 @@ class ChatModel:
         if not conversation.pending:
             raise ValueError("the conversation has no question to answer")
         inputs = self.processor(text=conversation.prompt(self.processor), images=conversation.images() or None)
-        length, context = inputs["input_ids"].shape[1], context_length(self.model.config)
+        length, context = inputs["input_ids"].shape[1], self.model.config.context_length
         if context is not None and length >= context:
             raise InputError(f"The conversation is {length} tokens, more than the model's context of {context}: "
                              "clear the chat (or use fewer in-context examples).")
@@ -261,7 +261,7 @@ class ChatModel:
         prompt_length = inputs["input_ids"].shape[1]
         stop = stop if stop is not None else threading.Event()
         kwargs = {**inputs, **settings.generate_kwargs(), "pad_token_id": self.processor.pad_token_id}
-        context = context_length(self.model.config)
+        context = self.model.config.context_length
         if context is not None:
             kwargs["max_new_tokens"] = min(settings.max_new_tokens, context - prompt_length)
         streamer = None
@@ -283,13 +283,6 @@ class ChatModel:
         if job.error is not None:
             raise GenerationError(f"The model failed: {type(job.error).__name__}: {job.error}") from job.error
         yield self.processor.decode_answers(job.output, prompt_length=prompt_length)[0]
-
-
-def context_length(config: OtterConfig) -> int | None:
-    """The language model's maximum sequence length, where its config states one (LLaMA, OPT, GPT-NeoX: positions;
-    MPT: `max_seq_len`)."""
-    text_config = config.text_config
-    return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "max_seq_len", None)
 
 
 # ---- loading and command-line arguments -----------------------------------------------------------

@@ -48,7 +48,6 @@ from otter.conversation import (
     ChatModel,
     Conversation,
     InputError,
-    context_length,
     image_from_bytes,
     load_image,
 )
@@ -448,7 +447,7 @@ class Scheduler:
         # An answer never holds a new image or answer marker: suppressing them keeps streamed text a prefix of
         # the final answer (Otter's decoding keeps only the text after the last <answer>).
         self.suppress_tokens = [processor.media_token_id, processor.answer_token_id]
-        self.context = context_length(chat.model.config)
+        self.context = chat.model.config.context_length
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="otter-serve-batches", daemon=True)
@@ -644,7 +643,7 @@ class OtterServer:
             "id": self.settings.model_id, "object": "model", "created": self.created, "owned_by": "otter-serve",
             # Beyond OpenAI's fields, for `otter.client`: what the demo shows and sizes its pictures by.
             "trained": self.chat.trained, "image_size": config.vision_config.image_size,
-            "context_length": context_length(config), "max_images": self.settings.max_images}]}
+            "context_length": config.context_length, "max_images": self.settings.max_images}]}
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.settings.model_id, "queued": self.scheduler.queued,
@@ -673,7 +672,7 @@ class OtterServer:
         except InputError as error:
             raise bad_request(str(error), param="messages") from None
         inputs = {name: value.cpu() for name, value in inputs.items()}
-        context = context_length(self.chat.model.config)
+        context = self.chat.model.config.context_length
         if context is not None:
             requested = min(requested, context - inputs["input_ids"].shape[1])
         sampling = Sampling(requested, body.temperature, body.top_p, body.seed, stops)

@@ -6,17 +6,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+from flamingo.arguments import int_at_least
 from otter.defaults import describe_default
 
 DTYPES = ("float32", "bfloat16", "float16")
 UNTRAINED_MAX_NEW_TOKENS = 32  # an untrained model never writes <|endofchunk|>, so it always runs to the limit
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+positive_int = int_at_least(1)
 
 
 def add_model_arguments(parser: argparse._ActionsContainer) -> None:  # a parser or an argument group

@@ -17,18 +17,9 @@ import os
 import sys
 from pathlib import Path
 
+from flamingo.arguments import int_at_least
 from flamingo.cli import add_debug_flag, run_command
 from otter.defaults import DEFAULT_OUTPUT_DIR, TINY_OTTER
-
-
-def at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def positive_float(text: str) -> float:
@@ -53,24 +44,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "auto: all for a model built from scratch, otter otherwise")
     add("--train-vision-encoder", action="store_true")
     add("--epochs", type=positive_float, default=14.0)
-    add("--max-steps", type=at_least(1), help="optimizer steps; overrides --epochs")
-    add("--batch-size", type=at_least(1), default=16, help="per process")
-    add("--grad-accum", type=at_least(1), default=1)
+    add("--max-steps", type=int_at_least(1), help="optimizer steps; overrides --epochs")
+    add("--batch-size", type=int_at_least(1), default=16, help="per process")
+    add("--grad-accum", type=int_at_least(1), default=1)
     add("--lr", type=positive_float, default=1e-3)
     add("--weight-decay", type=float, default=0.0)
     add("--warmup-ratio", type=float, default=0.03)
     add("--max-grad-norm", type=positive_float, default=1.0)
-    add("--max-length", type=at_least(8), default=256)
+    add("--max-length", type=int_at_least(8), default=256)
     add("--gradient-checkpointing", action="store_true")
     add("--mixed-precision", choices=["no", "bf16", "fp16"],
         help="autocast (DeepSpeed: its bf16/fp16 engine); default: what `accelerate launch`/its config says, else no")
-    add("--save-every", type=at_least(0), default=200, help="checkpoint every N optimizer steps (0: only at the end)")
-    add("--keep-checkpoints", type=at_least(1), default=2)
+    add("--save-every", type=int_at_least(0), default=200, help="checkpoint every N optimizer steps (0: only at the end)")
+    add("--keep-checkpoints", type=int_at_least(1), default=2)
     add("--resume", action="store_true", help="continue from the latest usable checkpoint in --output-dir")
-    add("--eval-samples", type=at_least(0), default=200, help="held-out samples to score (0: skip evaluation)")
+    add("--eval-samples", type=int_at_least(0), default=200, help="held-out samples to score (0: skip evaluation)")
     add("--push-to-hub", metavar="REPO_ID")
     add("--seed", type=int, default=0)
-    add("--num-workers", type=at_least(0), default=0)
+    add("--num-workers", type=int_at_least(0), default=0)
     add_debug_flag(parser)
     return parser.parse_args(argv)
 

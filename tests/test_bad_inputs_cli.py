@@ -13,8 +13,9 @@ from disk import tree_hashes
 from flamingo.convert import build_parser as convert_parser
 from flamingo.convert import cross_attention_every, load_checkpoint
 from flamingo.convert import main as convert_main
-from flamingo.memory import parse_args as memory_args
-from flamingo.memory import parse_gpus, plan_memory
+from flamingo.arguments import parse_gpus
+from flamingo.commands.memory import parse_args as memory_args
+from flamingo.memory import plan_memory
 from otter.conversation import MAX_IMAGE_SIDE, InputError, load_image
 from tiny_models import tiny_config
 

@@ -10,15 +10,14 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import otter  # noqa: F401  registers the otter model type
+from flamingo.arguments import parse_gpus
+from flamingo.commands.memory import main
+from flamingo.loading import load_config
 from flamingo.memory import (
     GiB,
     activation_bytes,
     count_parameters,
-    load_config,
-    main,
     measure_saved_bytes,
-    parse_gpus,
     plan_memory,
 )
 from flamingo.planning import meta_model
@@ -147,7 +146,7 @@ def test_strategies_divide_as_documented():
 
 
 def run_cli(*args):
-    command = [sys.executable, "-m", "flamingo.memory", *args]
+    command = [sys.executable, "-m", "flamingo.commands.memory", *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
