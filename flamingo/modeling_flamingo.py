@@ -21,6 +21,7 @@ concurrent calls (several requests in threads) apart without leaving state on mo
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
+from .hub import export_code, has_own_model_card, model_auto_map, write_model_card
 from .recipes import FP32_MODULES
 
 logger = logging.get_logger(__name__)
@@ -362,6 +364,18 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     # Buffers that older transformers saved (LLaMA's rotary `inv_freq`, CLIP's `position_ids`), and the
     # frame embeddings some image-only checkpoints carry: present in published files, unused here.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$", r"\.position_ids$", r"^perceiver\.frame_embs$"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus what makes the folder portable (see `flamingo.hub`): `auto_map` and
+        the model's code, so that transformers alone loads it with `trust_remote_code=True`, and a model card
+        (README.md) unless `model_card=False` or the folder has a README.md of its own."""
+        self.config.auto_map = model_auto_map(type(self))
+        super().save_pretrained(save_directory, **kwargs)
+        if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            return
+        export_code(save_directory, [type(self.config), type(self)])
+        if model_card and not has_own_model_card(save_directory):
+            write_model_card(save_directory, base_models=[self.config.name_or_path])
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

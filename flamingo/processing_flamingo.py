@@ -18,6 +18,7 @@ from transformers.image_utils import is_valid_image
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
+from .hub import export_code, processor_auto_map
 
 logger = logging.get_logger(__name__)
 
@@ -85,6 +86,18 @@ class FlamingoProcessor(ProcessorMixin):
         added = [*cls.config_class.special_tokens, tokenizer.pad_token]
         logger.info(f"Special token ids: {dict(zip(added, tokenizer.convert_tokens_to_ids(added), strict=True))}")
         return cls(image_processor=image_processor or CLIPImageProcessor(), tokenizer=tokenizer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """`ProcessorMixin.save_pretrained`, plus `auto_map` in the processor and tokenizer configs and the processor's
+        code (see `flamingo.hub`), so that transformers alone loads it with `trust_remote_code=True`."""
+        self.auto_map = processor_auto_map(type(self))
+        self.tokenizer.init_kwargs["auto_map"] = self.auto_map
+        try:
+            files = super().save_pretrained(save_directory, **kwargs)
+        finally:
+            del self.tokenizer.init_kwargs["auto_map"]
+        export_code(save_directory, [type(self)])
+        return files
 
     def _check_special_tokens(self) -> None:
         """Fail early when given a base tokenizer: without the special tokens `<image>` would be split into pieces
