@@ -128,6 +128,16 @@ class FlamingoProcessor(ProcessorMixin):
         return self._token_id(MEDIA_TOKEN)
 
     @property
+    def image_token(self) -> str:
+        """The image placeholder of prompts, under transformers' usual name: `<image>`."""
+        return MEDIA_TOKEN
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of `image_token` (the same as `media_token_id`)."""
+        return self.media_token_id
+
+    @property
     def endofchunk_token_id(self) -> int:
         """Id of `<|endofchunk|>`, which ends each (image, text) chunk; generation stops on it."""
         return self._token_id(ENDOFCHUNK_TOKEN)
@@ -149,6 +159,9 @@ class FlamingoProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenize prompts (left padded) and stack their images into `vision_x`.
 
+        `text` and `images` may also be given the other way round, `processor(images, text)`, transformers' order for
+        multimodal processors: prompts are told from images by type.
+
         Args:
             text: a prompt or a list of prompts; each `<image>` marker stands for the next image of its prompt.
             images: `None`; one image (for a single prompt); a list of images, which is split over the prompts in
@@ -162,6 +175,8 @@ class FlamingoProcessor(ProcessorMixin):
             float32 `(B, T_img, 1, 3, H, W)` with `T_img` the most images of any prompt; rows with fewer images are
             zero-padded at the end.
         """
+        if _is_text(images) and not _is_text(text):
+            text, images = images, text
         if text is None:
             raise ValueError(f"{type(self).__name__} needs `text`: every image is placed by a {MEDIA_TOKEN} marker.")
         prompts = [text] if isinstance(text, str) else list(text)
@@ -244,6 +259,13 @@ class FlamingoProcessor(ProcessorMixin):
         """The part of a generated row that is the answer: everything before the first `<|endofchunk|>`."""
         eoc = self.endofchunk_token_id
         return ids[: ids.index(eoc)] if eoc in ids else ids
+
+
+def _is_text(value: Any) -> bool:
+    """A prompt or a non-empty list of prompts."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
 
 
 def _check_image(image: Any, name: str) -> None:
