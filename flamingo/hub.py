@@ -186,8 +186,8 @@ def write_model_card(
     sections = [
         f"{CARD_MARKER}\n# {name}",
         _description(config, license),
-        "## Usage\n\nWith transformers alone (the model and processor code is in this folder), or with the "
-        "`flamingo-otter-hf` package installed (then `trust_remote_code` is not needed):\n\n"
+        "## Usage\n\nWith transformers alone: the model and processor code is in this folder. With the "
+        f"`flamingo-otter-hf` package installed, `import {model_type}` first and leave out `trust_remote_code`.\n\n"
         + USAGE.format(checkpoint=name),
     ]
     if training:
