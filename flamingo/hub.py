@@ -187,7 +187,8 @@ def write_model_card(
         f"{CARD_MARKER}\n# {name}",
         _description(config, license),
         "## Usage\n\nWith transformers alone: the model and processor code is in this folder. With the "
-        f"`flamingo-otter-hf` package installed, `import {model_type}` first and leave out `trust_remote_code`.\n\n"
+        "`flamingo-otter-hf` package installed, `flamingo.loading.load_model_and_processor(checkpoint)` loads it with "
+        "the package's own classes.\n\n"
         + USAGE.format(checkpoint=name),
     ]
     if training:

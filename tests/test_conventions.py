@@ -5,18 +5,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
 
-import otter  # noqa: F401  (registers the tiny Otter folder's processor)
-from isolated import REPO
-from tiny_models import EOC, IMAGE, tiny_model
+from otter import OtterProcessor
+from tiny_models import EOC, IMAGE, TINY_OTTER_DIR, tiny_model
 
 PROMPTS = ["<image>User: What colour? GPT:<answer>", "<image>User: And this one? GPT:<answer>"]
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return AutoProcessor.from_pretrained(REPO / "configs" / "tiny-otter")
+    return OtterProcessor.from_pretrained(TINY_OTTER_DIR)
 
 
 def images(count: int) -> list[Image.Image]:

@@ -13,15 +13,16 @@ from transformers import AutoConfig, AutoProcessor
 
 from flamingo import FlamingoModel
 from flamingo.hub import write_model_card
-from isolated import REPO, run_isolated
+from isolated import run_isolated
 from otter import OtterModel
-from tiny_models import tiny_model
+from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, tiny_model
 
 FAMILIES = {"otter": OtterModel, "flamingo": FlamingoModel}
+TINY_DIRS = {"otter": TINY_OTTER_DIR, "flamingo": TINY_FLAMINGO_DIR}
 
 
 def save_tiny(folder: Path, model_type: str) -> Path:
-    source = REPO / "configs" / f"tiny-{model_type}"
+    source = TINY_DIRS[model_type]
     torch.manual_seed(0)
     FAMILIES[model_type](AutoConfig.from_pretrained(source)).save_pretrained(folder)
     AutoProcessor.from_pretrained(source).save_pretrained(folder)

@@ -16,19 +16,19 @@ from flamingo import FlamingoModel
 from flamingo.hub import GENERATED_HEADER, export_code, non_bare_imports
 from isolated import REPO, run_isolated
 from otter import OtterModel
-from tiny_models import randomize_gates
+from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 
-CONFIGS = REPO / "configs"
 PROMPTS = {
     "otter": "<image>User: What colour is it? GPT:<answer>",
     "flamingo": "<image>An image of",
 }
 FAMILIES = {"otter": OtterModel, "flamingo": FlamingoModel}
+TINY_DIRS = {"otter": TINY_OTTER_DIR, "flamingo": TINY_FLAMINGO_DIR}
 
 
 def save_tiny(folder: Path, model_type: str) -> Path:
     """A tiny model with random weights (gates open, so that the image matters) and its processor, saved."""
-    source = CONFIGS / f"tiny-{model_type}"
+    source = TINY_DIRS[model_type]
     torch.manual_seed(0)
     model = randomize_gates(FAMILIES[model_type](AutoConfig.from_pretrained(source)).eval())
     model.save_pretrained(folder)
@@ -60,7 +60,8 @@ from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 folder, image, prompt, trust = {folder!r}, {image!r}, {prompt!r}, {trust!r}
 if not trust:  # the package's Auto registrations, as its users get them
-    import flamingo, otter  # noqa: E401, F401
+    import flamingo, otter  # noqa: E401
+    flamingo.register(), otter.register()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
 inputs = processor(text=prompt, images=[Image.open(image)])
 results = {{"processor_class": type(processor).__module__ + "." + type(processor).__name__,
