@@ -25,11 +25,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 GENERATED_HEADER = "# Generated from the flamingo-otter-hf module `{module}` when this checkpoint was saved.\n"
 CARD_MARKER = "<!-- model card written by flamingo-otter-hf -->"
-# What the generated modules may import besides the standard library: transformers' own requirements and einops.
+# What the generated modules may import besides the standard library: torch, transformers (which brings
+# huggingface_hub) and einops, what any Flamingo-style code needs.
 REMOTE_CODE_REQUIREMENTS = ("einops", "huggingface_hub", "torch", "transformers")
 
 
@@ -56,6 +57,8 @@ def export_code(folder: str | os.PathLike, classes: Iterable[type]) -> list[Path
     """Write the modules defining `classes`, and every package module they import, flat into `folder`, with the
     package imports rewritten to relative ones. Returns the files written."""
     roots = [cls.__module__ for cls in classes]
+    # The classes' packages and this one's (`flamingo`, which every family builds on): imports from them are the
+    # package's own modules, which go into the folder.
     packages = {name.partition(".")[0] for name in [*roots, __name__]}
     written = []
     for module, source in generated_modules(roots, packages).items():
@@ -92,7 +95,7 @@ def _relative_source(name: str, packages: set[str]) -> tuple[str, list[str]]:
     if lines and lines[0].startswith(GENERATED_HEADER.partition("`")[0]):
         lines = lines[1:]  # saving a model that was itself loaded from generated code
     needed = []
-    for node in sorted(_package_imports(ast.parse("".join(lines)), packages, path), key=lambda n: -n.lineno):
+    for node in sorted(_package_imports(ast.parse("".join(lines)), packages, path), key=lambda n: (-n.lineno, -n.col_offset)):
         target = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
         if node.module is None or hasattr(importlib.import_module(target), "__path__"):
             raise ValueError(
@@ -201,6 +204,14 @@ def write_model_card(
     return path
 
 
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
+    """Upload a saved folder as it is (weights, processor, code and model card) to the hub repo `repo_id`, created if
+    needed, and return the commit's URL. (`model.push_to_hub` would replace the card with transformers' default.)"""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return str(api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {Path(folder).name}"))
+
+
 def has_own_model_card(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds a README.md this package did not write (which `save_pretrained` leaves alone)."""
     path = Path(folder) / "README.md"
@@ -216,12 +227,16 @@ def _description(config: dict[str, Any], license: str) -> str:
     layers = text.get("num_hidden_layers", text.get("n_layers"))
     every = config["cross_attn_every_n_layers"]
     lines = [
-        f"A Flamingo-architecture vision-language model (`model_type: {config['model_type']}`): a CLIP vision tower "
-        f"({vision.get('num_hidden_layers')} layers, {vision.get('image_size')} px), a Perceiver resampler "
-        f"({config['perceiver_num_latents']} latents per image) and a gated cross-attention block every {every} of the "
-        f"{layers} decoder layers of a `{text['model_type']}` language model.",
-        "Prompts interleave text and images: each `<image>` token stands for the next image; a chunk ends with "
-        "`<|endofchunk|>`, where generation stops.",
+        (
+            f"A Flamingo-architecture vision-language model (`model_type: {config['model_type']}`): a CLIP vision "
+            f"tower ({vision.get('num_hidden_layers')} layers, {vision.get('image_size')} px), a Perceiver resampler "
+            f"({config['perceiver_num_latents']} latents per image) and a gated cross-attention block every {every} "
+            f"of the {layers} decoder layers of a `{text['model_type']}` language model."
+        ),
+        (
+            "Prompts interleave text and images: each `<image>` token stands for the next image; a chunk ends with "
+            "`<|endofchunk|>`, where generation stops."
+        ),
     ]
     if license == "other":
         lines.append("License: the weights carry the licenses of the models they were built from.")
@@ -264,5 +279,6 @@ __all__ = [
     "model_auto_map",
     "non_bare_imports",
     "processor_auto_map",
+    "push_folder",
     "write_model_card",
 ]

@@ -59,7 +59,7 @@ def run_isolated(code: str, cwd: Path, *, package: bool = False, timeout: float 
     flags = [] if package else ["-I"]
     prelude = PRELUDE.format(hidden=() if package else PACKAGES)
     result = subprocess.run(
-        [sys.executable, *flags, "-c", prelude + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *flags, "-c", prelude + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert result.returncode == 0 and lines, f"child failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}"

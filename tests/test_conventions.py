@@ -57,7 +57,7 @@ def test_pixel_values_is_an_alias_of_vision_x_in_forward():
 def test_pixel_values_is_an_alias_of_vision_x_in_generate(num_beams):
     model = tiny_model()
     input_ids, pixels = one_image_per_row()
-    settings = dict(max_new_tokens=5, do_sample=False, num_beams=num_beams, eos_token_id=EOC)
+    settings = {"max_new_tokens": 5, "do_sample": False, "num_beams": num_beams, "eos_token_id": EOC}
     expected = model.generate(input_ids=input_ids, vision_x=pixels[:, None, None], **settings)
     assert torch.equal(model.generate(input_ids=input_ids, pixel_values=pixels, **settings), expected)
 

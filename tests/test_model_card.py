@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoProcessor
 
 from flamingo import FlamingoModel
-from flamingo.hub import write_model_card
+from flamingo.hub import push_folder, write_model_card
 from isolated import run_isolated
 from otter import OtterModel
 from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, tiny_model
@@ -65,7 +65,7 @@ def test_the_usage_snippet_runs_with_transformers_alone_and_with_the_package(tmp
     monkeypatch.chdir(tmp_path)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(snippet, {})
+        exec(snippet, {})  # noqa: S102  (the card's own snippet, run as a reader would)
     assert child["printed"] == printed.getvalue() and printed.getvalue().strip()
 
 
@@ -103,3 +103,16 @@ def test_saving_keeps_a_card_of_ones_own_and_replaces_its_own(tmp_path):
     write_model_card(tmp_path, training={"datasets": ["toy colours"]})  # asked for: written
     model.save_pretrained(tmp_path)  # its own card: brought up to date (without what only the caller knew)
     assert "Data:" not in (tmp_path / "README.md").read_text()
+
+
+def test_push_folder_uploads_the_folder_as_saved(tmp_path, monkeypatch):
+    calls = []
+
+    class Repo:
+        repo_id = "someone/tiny"
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or Repo())
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", lambda self, **kw: calls.append(("upload", kw)) or "https://hub/commit/1")
+    assert push_folder(tmp_path, "tiny", private=True) == "https://hub/commit/1"
+    assert calls[0] == ("create", "tiny", {"private": True, "exist_ok": True})
+    assert calls[1][1]["repo_id"] == "someone/tiny" and calls[1][1]["folder_path"] == tmp_path
