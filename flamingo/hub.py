@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from transformers.dynamic_module_utils import get_imports
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 GENERATED_HEADER = "# Generated from the flamingo-otter-hf module `{module}` when this checkpoint was saved.\n"
 CARD_MARKER = "<!-- model card written by flamingo-otter-hf -->"
@@ -65,6 +69,8 @@ def export_code(folder: str | os.PathLike, classes: Iterable[type]) -> list[Path
         path = Path(folder) / f"{module.rpartition('.')[2]}.py"
         path.write_text(source, encoding="utf-8")
         written.append(path)
+    if extra := non_bare_imports(folder):
+        logger.warning(f"The code saved in {folder} imports {extra}: transformers will ask users to install them")
     return written
 
 
@@ -124,8 +130,6 @@ def _package_imports(tree: ast.Module, packages: set[str], path: Path) -> list[a
 def non_bare_imports(folder: str | os.PathLike) -> dict[str, list[str]]:
     """For each Python file of `folder`, the top-level modules it imports that are neither in the standard library
     nor in `REMOTE_CODE_REQUIREMENTS`: what transformers would ask a user to install before loading it."""
-    from transformers.dynamic_module_utils import get_imports
-
     allowed = set(sys.stdlib_module_names) | set(REMOTE_CODE_REQUIREMENTS)
     found = {path.name: [m for m in get_imports(path) if m not in allowed] for path in sorted(Path(folder).glob("*.py"))}
     return {name: modules for name, modules in found.items() if modules}

@@ -170,3 +170,19 @@ def test_export_refuses_imports_it_cannot_flatten(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match=r"module\.py:1 imports from the package brokenpkg"):
         export_code(tmp_path, [Thing])
+
+
+def test_export_warns_about_imports_a_bare_environment_lacks(tmp_path, monkeypatch, caplog):
+    package = tmp_path / "heavypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "module.py").write_text("import pytest\n\n\nclass Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from heavypkg.module import Thing
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with caplog.at_level("WARNING", logger="flamingo.hub"):
+        export_code(out, [Thing])
+    assert non_bare_imports(out) == {"module.py": ["pytest"]}
+    assert "imports {'module.py': ['pytest']}" in caplog.text
