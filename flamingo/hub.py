@@ -46,6 +46,17 @@ def class_reference(cls: type) -> str:
     return f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}"
 
 
+def exportable_class(cls: type, base: type) -> type:
+    """`cls`, or the class it stands for when a wrapper made it on the fly (FSDP2 turns a model's class into
+    `FSDP<Model>(FSDPModule, <Model>)`): the first `base` subclass of its MRO that its module defines under its
+    name, which the folder's code has."""
+    for candidate in cls.__mro__:
+        named = getattr(sys.modules.get(candidate.__module__), candidate.__name__, None) is candidate
+        if named and issubclass(candidate, base):
+            return candidate
+    raise ValueError(f"Neither {cls.__qualname__} nor a base is a {base.__name__} defined at the top level of a module")
+
+
 def model_auto_map(model_class: type) -> dict[str, str]:
     """The `auto_map` of a model's config.json: its config and model classes, for every Auto class it serves."""
     model = class_reference(model_class)
@@ -279,6 +290,7 @@ def _conversion_section(conversion: dict[str, Any]) -> str:
 __all__ = [
     "class_reference",
     "export_code",
+    "exportable_class",
     "has_own_model_card",
     "model_auto_map",
     "non_bare_imports",

@@ -38,7 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
-from .hub import export_code, has_own_model_card, model_auto_map, write_model_card
+from .hub import export_code, exportable_class, has_own_model_card, model_auto_map, write_model_card
 from .recipes import FP32_MODULES
 
 logger = logging.get_logger(__name__)
@@ -386,11 +386,12 @@ class FlamingoPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.save_pretrained`, plus what makes the folder portable (see `flamingo.hub`): `auto_map` and
         the model's code, so that transformers alone loads it with `trust_remote_code=True`, and a model card
         (README.md) unless `model_card=False` or the folder has a README.md of its own."""
-        self.config.auto_map = model_auto_map(type(self))
+        model_class = exportable_class(type(self), FlamingoPreTrainedModel)
+        self.config.auto_map = model_auto_map(model_class)
         super().save_pretrained(save_directory, **kwargs)
         if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
             return
-        export_code(save_directory, [type(self.config), type(self)])
+        export_code(save_directory, [type(self.config), model_class])
         if model_card and not has_own_model_card(save_directory):
             write_model_card(save_directory, base_models=[self.config.name_or_path])
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoConfig, AutoProcessor
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -26,13 +27,16 @@ FAMILIES = {"otter": OtterModel, "flamingo": FlamingoModel}
 TINY_DIRS = {"otter": TINY_OTTER_DIR, "flamingo": TINY_FLAMINGO_DIR}
 
 
-def save_tiny(folder: Path, model_type: str) -> Path:
-    """A tiny model with random weights (gates open, so that the image matters) and its processor, saved."""
-    source = TINY_DIRS[model_type]
+def tiny(model_type: str):
+    """A tiny model with random weights, gates open so that the image matters."""
     torch.manual_seed(0)
-    model = randomize_gates(FAMILIES[model_type](AutoConfig.from_pretrained(source)).eval())
-    model.save_pretrained(folder)
-    AutoProcessor.from_pretrained(source).save_pretrained(folder)
+    return randomize_gates(FAMILIES[model_type](AutoConfig.from_pretrained(TINY_DIRS[model_type])).eval())
+
+
+def save_tiny(folder: Path, model_type: str) -> Path:
+    """A tiny model and its processor, saved."""
+    tiny(model_type).save_pretrained(folder)
+    AutoProcessor.from_pretrained(TINY_DIRS[model_type]).save_pretrained(folder)
     return folder
 
 
@@ -186,3 +190,13 @@ def test_export_warns_about_imports_a_bare_environment_lacks(tmp_path, monkeypat
         export_code(out, [Thing])
     assert non_bare_imports(out) == {"module.py": ["pytest"]}
     assert "imports {'module.py': ['pytest']}" in caplog.text
+
+
+def test_a_model_whose_class_a_wrapper_replaced_exports_its_own_class(tmp_path):
+    """FSDP2 gives a sharded model a class made on the fly (`FSDPOtterModel`, defined in no module's namespace)."""
+    model = tiny("otter")
+    model.__class__ = type(f"FSDP{OtterModel.__name__}", (FSDPModule, OtterModel), {})  # as fully_shard does
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_otter.OtterModel"
+    assert (tmp_path / "modeling_otter.py").exists()
+
