@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import EOC, IMAGE, TINY_OTTER_DIR, tiny_model
 
 from otter import OtterProcessor
-from tiny_models import EOC, IMAGE, TINY_OTTER_DIR, tiny_model
 
 PROMPTS = ["<image>User: What colour? GPT:<answer>", "<image>User: And this one? GPT:<answer>"]
 

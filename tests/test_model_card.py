@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from isolated import run_isolated
+from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, tiny_model
 from transformers import AutoConfig, AutoProcessor
 
 from flamingo import FlamingoModel
 from flamingo.hub import push_folder, write_model_card
-from isolated import run_isolated
 from otter import OtterModel
-from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, tiny_model
 
 FAMILIES = {"otter": OtterModel, "flamingo": FlamingoModel}
 TINY_DIRS = {"otter": TINY_OTTER_DIR, "flamingo": TINY_FLAMINGO_DIR}

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from isolated import REPO, run_isolated
 from PIL import Image
+from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoConfig, AutoProcessor
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from flamingo import FlamingoModel
 from flamingo.hub import GENERATED_HEADER, export_code, non_bare_imports
-from isolated import REPO, run_isolated
 from otter import OtterModel
-from tiny_models import TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 
 PROMPTS = {
     "otter": "<image>User: What colour is it? GPT:<answer>",
