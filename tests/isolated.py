@@ -43,7 +43,7 @@ def package_importable():
     return True
 
 def report(**results):
-    print("RESULTS " + json.dumps({{**results, "package_importable": package_importable(),
+    print("\\nRESULTS " + json.dumps({{**results, "package_importable": package_importable(),
         "package_modules": sorted(m for m in sys.modules if m.partition(".")[0] in HIDDEN), "network": ATTEMPTS}}))
 """
 
@@ -59,7 +59,8 @@ def run_isolated(code: str, cwd: Path, *, package: bool = False, timeout: float 
     flags = [] if package else ["-I"]
     prelude = PRELUDE.format(hidden=() if package else PACKAGES)
     result = subprocess.run(
-        [sys.executable, *flags, "-c", prelude + code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, *flags, "-c", prelude + code],
+        cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert result.returncode == 0 and lines, f"child failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}"

@@ -70,6 +70,11 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
 inputs = processor(text=prompt, images=[Image.open(image)])
 results = {{"processor_class": type(processor).__module__ + "." + type(processor).__name__,
            "input_ids": inputs["input_ids"].tolist()}}
+if trust:  # without being allowed to run the folder's code: refused, never a bare tokenizer
+    try:
+        results["without_trust"] = type(AutoProcessor.from_pretrained(folder)).__name__
+    except ValueError as error:
+        results["without_trust"] = str(error)
 for auto in (AutoModel, AutoModelForImageTextToText):
     model, info = auto.from_pretrained(folder, trust_remote_code=trust, output_loading_info=True)
     output = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -94,6 +99,7 @@ def test_transformers_alone_loads_the_folder_and_generates_the_package_ids(saved
     assert not child["package_importable"] and child["package_modules"] == []  # really without the package
     assert child["network"] == []
     assert child["processor_class"].startswith("transformers_modules.")
+    assert "trust_remote_code=True" in child["without_trust"]
     assert child["input_ids"] == expected["input_ids"]
     for auto in ("AutoModel", "AutoModelForImageTextToText"):
         assert child[auto]["class"].startswith("transformers_modules.")
