@@ -64,6 +64,7 @@ from transformers.utils import logging
 
 from .arguments import int_at_least
 from .configuration_flamingo import FlamingoConfig
+from .hub import write_model_card
 from .modeling_flamingo import FlamingoModel, find_decoder_layers
 from .processing_flamingo import PAD_TOKEN, FlamingoProcessor
 from .registry import classes_of
@@ -582,10 +583,25 @@ def _sibling(path: Path, purpose: str) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{purpose}")
 
 
-def save_atomically(model: PreTrainedModel, processor: FlamingoProcessor, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def conversion_record(checkpoint: str | os.PathLike, lm: str | os.PathLike, vision_encoder: str | None, target: str, dtype: torch.dtype, parity: str | None = None) -> dict[str, str]:
+    """What the model card says about a conversion (see `flamingo.hub.write_model_card`)."""
+    record = {"source": str(checkpoint), "language model": str(lm), "target": target, "dtype": str(dtype).removeprefix("torch.")}
+    if vision_encoder is not None:
+        record["vision encoder"] = vision_encoder
+    return record | ({"parity": parity} if parity else {})
+
+
+def save_atomically(
+    model: PreTrainedModel,
+    processor: FlamingoProcessor,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    conversion: dict[str, str] | None = None,
+) -> Path:
     """`save_pretrained` the model and processor into `output_dir` without ever leaving a half-written folder
     there: write into a temporary folder beside it (same file system), then rename. An existing folder is only
-    replaced (with `overwrite`) once the new one is complete."""
+    replaced (with `overwrite`) once the new one is complete. The model card records `conversion` (from
+    `conversion_record`); its base models are the language model's and the vision encoder's names."""
     output_dir = Path(output_dir).absolute()
     if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -595,6 +611,8 @@ def save_atomically(model: PreTrainedModel, processor: FlamingoProcessor, output
     try:
         model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE)
         processor.save_pretrained(staging)
+        base_models = [conversion[key] for key in ("language model", "vision encoder") if key in (conversion or {})]
+        write_model_card(staging, name=output_dir.name, base_models=base_models, conversion=conversion)
         if not output_dir.exists():
             staging.rename(output_dir)
             return output_dir
@@ -625,14 +643,19 @@ def convert(
     cross_attn_every_n_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    vision_encoder: str | None = None,
+    parity: str | None = None,
 ) -> Path:
     """Convert a checkpoint (see `convert_checkpoint`) and write it with its processor to `output_dir`, which then
-    loads with `FlamingoModel`/`OtterModel.from_pretrained` or `AutoModel`/`AutoProcessor` alone."""
+    loads with `FlamingoModel`/`OtterModel.from_pretrained` or `AutoModel`/`AutoProcessor` alone. The model card
+    names the inputs (`vision_encoder`: where `vision_tower` came from) and `parity`, a figure measured elsewhere
+    (e.g. against the original implementation), when given."""
     model, processor = convert_checkpoint(
         checkpoint, lm, vision_tower, tokenizer=tokenizer, target=target,
         cross_attn_every_n_layers=cross_attn_every_n_layers, dtype=dtype,
     )
-    return save_atomically(model, processor, output_dir, overwrite=overwrite)
+    conversion = conversion_record(checkpoint, lm, vision_encoder, target, dtype, parity)
+    return save_atomically(model, processor, output_dir, overwrite=overwrite, conversion=conversion)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,7 +710,9 @@ def main(argv: list[str] | None = None) -> None:
             args.checkpoint, args.lm, vision_tower, tokenizer=args.tokenizer, target=args.target,
             cross_attn_every_n_layers=args.cross_attn_every_n_layers, dtype=DTYPES[args.dtype],
         )
-        output_dir = save_atomically(model, processor, args.output_dir, overwrite=args.overwrite)
+        vision_encoder = args.vision_encoder or f"open_clip {args.open_clip_model} ({args.open_clip_pretrained})"
+        conversion = conversion_record(args.checkpoint, args.lm, vision_encoder, args.target, DTYPES[args.dtype])
+        output_dir = save_atomically(model, processor, args.output_dir, overwrite=args.overwrite, conversion=conversion)
     except (ValueError, OSError) as error:  # refusals and missing files: the message says what is wrong
         parser.exit(1, f"{parser.prog}: error: {error}\n")
 

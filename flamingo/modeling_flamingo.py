@@ -21,6 +21,7 @@ concurrent calls (several requests in threads) apart without leaving state on mo
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
 from .local_files import check_local_model
+from .hub import export_code, exportable_class, has_own_model_card, model_auto_map, write_model_card
 from .recipes import FP32_MODULES
 
 logger = logging.get_logger(__name__)
@@ -338,6 +340,23 @@ def _train_only_rows(weight: nn.Parameter, rows: list[int]) -> torch.utils.hooks
     return weight.register_hook(lambda grad: grad * keep.to(grad.device))
 
 
+def as_vision_x(vision_x: torch.Tensor | None, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+    """The images as `vision_x`, also when given as `pixel_values`, transformers' usual name: `(B, 3, H, W)` is one
+    image per row, 6-D is `vision_x`'s own layout."""
+    if pixel_values is None:
+        return vision_x
+    if vision_x is not None:
+        raise ValueError("got both vision_x and pixel_values; pass the images once (pixel_values is an alias of vision_x)")
+    if pixel_values.ndim == 4:
+        return pixel_values[:, None, None]
+    if pixel_values.ndim == 6:
+        return pixel_values
+    raise ValueError(
+        f"pixel_values must be (batch, channels, height, width), one image per row, or (batch, images, frames, "
+        f"channels, height, width) as vision_x; got shape {tuple(pixel_values.shape)}"
+    )
+
+
 def _check_vision_x(vision_x: torch.Tensor) -> None:
     if not isinstance(vision_x, torch.Tensor):
         raise TypeError(f"vision_x must be a torch tensor (the processor's output), got {type(vision_x).__name__}")
@@ -439,6 +458,19 @@ class FlamingoPreTrainedModel(PreTrainedModel):
         if pretrained_model_name_or_path is not None:
             check_local_model(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus what makes the folder portable (see `flamingo.hub`): `auto_map` and
+        the model's code, so that transformers alone loads it with `trust_remote_code=True`, and a model card
+        (README.md) unless `model_card=False` or the folder has a README.md of its own."""
+        model_class = exportable_class(type(self), FlamingoPreTrainedModel)
+        self.config.auto_map = model_auto_map(model_class)
+        super().save_pretrained(save_directory, **kwargs)
+        if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            return
+        export_code(save_directory, [type(self.config), model_class])
+        if model_card and not has_own_model_card(save_directory):
+            write_model_card(save_directory, base_models=[self.config.name_or_path])
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -567,6 +599,7 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         media_cache: MediaCache | None = None,
         attended_image: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ) -> FlamingoCausalLMOutput:
         r"""
@@ -576,8 +609,10 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         media_cache: images already encoded by an earlier call (`output.media_cache`), instead of vision_x.
         attended_image (B, T): the image each position attends to (see `attended_images`); needed with
             `inputs_embeds` or when `input_ids` continue a cached prefix that holds the `<image>` tokens.
+        pixel_values: an alias of vision_x; `(B, C, H, W)` for one image per row (see `as_vision_x`).
         Other arguments are the language model's.
         """
+        vision_x = as_vision_x(vision_x, pixel_values)
         if vision_x is not None and media_cache is not None:
             raise ValueError("pass either vision_x or media_cache, not both")
         if vision_x is not None:
@@ -656,6 +691,9 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        # Before anything copies or slices them: the generation steps only know vision_x.
+        if "pixel_values" in model_kwargs:
+            model_kwargs["vision_x"] = as_vision_x(model_kwargs.get("vision_x"), model_kwargs.pop("pixel_values"))
         # Beam search and num_return_sequences copy every input once per sequence: encode the images first, then copy
         # their latents, rather than running the vision tower and perceiver on each copy.
         vision_x = model_kwargs.pop("vision_x", None) if expand_size > 1 else None

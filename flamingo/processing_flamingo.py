@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
 from .local_files import check_local_model
+from .hub import export_code, processor_auto_map
 
 logger = logging.get_logger(__name__)
 
@@ -97,6 +98,18 @@ class FlamingoProcessor(ProcessorMixin):
         check_local_model(pretrained_model_name_or_path, weights=False)  # a missing folder, not "Repo id must be ..."
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """`ProcessorMixin.save_pretrained`, plus `auto_map` in the processor and tokenizer configs and the processor's
+        code (see `flamingo.hub`), so that transformers alone loads it with `trust_remote_code=True`."""
+        self.auto_map = processor_auto_map(type(self))
+        self.tokenizer.init_kwargs["auto_map"] = self.auto_map
+        try:
+            files = super().save_pretrained(save_directory, **kwargs)
+        finally:
+            del self.tokenizer.init_kwargs["auto_map"]
+        export_code(save_directory, [type(self)])
+        return files
+
     def _check_special_tokens(self) -> None:
         """Fail early when given a base tokenizer: without the special tokens `<image>` would be split into pieces
         and silently never reach the model as a media marker."""
@@ -126,6 +139,16 @@ class FlamingoProcessor(ProcessorMixin):
         return self._token_id(MEDIA_TOKEN)
 
     @property
+    def image_token(self) -> str:
+        """The image placeholder of prompts, under transformers' usual name: `<image>`."""
+        return MEDIA_TOKEN
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of `image_token` (the same as `media_token_id`)."""
+        return self.media_token_id
+
+    @property
     def endofchunk_token_id(self) -> int:
         """Id of `<|endofchunk|>`, which ends each (image, text) chunk; generation stops on it."""
         return self._token_id(ENDOFCHUNK_TOKEN)
@@ -147,6 +170,9 @@ class FlamingoProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenize prompts (left padded) and stack their images into `vision_x`.
 
+        `text` and `images` may also be given the other way round, `processor(images, text)`, transformers' order for
+        multimodal processors: prompts are told from images by type.
+
         Args:
             text: a prompt or a list of prompts; each `<image>` marker stands for the next image of its prompt.
             images: `None`; one image (for a single prompt); a list of images, which is split over the prompts in
@@ -160,6 +186,8 @@ class FlamingoProcessor(ProcessorMixin):
             float32 `(B, T_img, 1, 3, H, W)` with `T_img` the most images of any prompt; rows with fewer images are
             zero-padded at the end.
         """
+        if _is_text(images) and not _is_text(text):
+            text, images = images, text
         prompts = _prompts(text, type(self).__name__)
         marker_counts = [prompt.count(MEDIA_TOKEN) for prompt in prompts]
         images_per_prompt = self._images_per_prompt(images, marker_counts)
@@ -288,6 +316,13 @@ def _prompts(text: Any, processor_name: str) -> list[str]:
         if not isinstance(prompt, str):
             raise TypeError(f"Prompt {i} is a {type(prompt).__name__}, not a string.")
     return prompts
+
+
+def _is_text(value: Any) -> bool:
+    """A prompt or a non-empty list of prompts."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
 
 
 def _check_image(image: Any, name: str) -> None:

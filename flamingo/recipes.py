@@ -10,6 +10,7 @@ Trainable sets (`--trainable`):
 
 from __future__ import annotations
 
+import importlib
 import re
 
 from torch import nn
@@ -40,10 +41,12 @@ def freeze_for(model: nn.Module, trainable: str, *, train_vision_encoder: bool =
 def add_lora(model: nn.Module) -> None:
     """Inject LoRA adapters into the language model (before `freeze_for`: peft freezes what it wraps) and make them
     trainable after it."""
-    from peft import LoraConfig, inject_adapter_in_model  # pip install "flamingo-otter-hf[train]"
+    # Not an import statement: this module goes into every saved checkpoint folder (the model imports it), and
+    # transformers asks whoever loads a folder's code to install each module its import statements name.
+    peft = importlib.import_module("peft")  # pip install "flamingo-otter-hf[train]"
 
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=LORA_TARGETS)
-    inject_adapter_in_model(config, model.lang_encoder)
+    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=LORA_TARGETS)
+    peft.inject_adapter_in_model(config, model.lang_encoder)
 
 
 def enable_lora(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import open_clip
 import pytest
+from huggingface_hub import ModelCard
 import torch
 from open_clip.model import CLIP, _build_vision_tower
 from tiny_models import TINY_TEXT, TINY_TOKENIZER_DIR, TINY_VISION, randomize_gates
@@ -428,6 +429,26 @@ def test_cli_converts_and_summarises(tmp_path, release, capsys):
     summary = capsys.readouterr().out
     assert f"Wrote {tmp_path / 'out'} (flamingo" in summary and "before decoder layers [1, 3]" in summary
     assert_same_weights(FlamingoModel.from_pretrained(tmp_path / "out"), model)
+
+
+def test_the_cli_model_card_names_what_was_converted(tmp_path, release):
+    _, root = release("llama")
+    main([str(root / "checkpoint.pt"), str(tmp_path / "out"), "--lm", str(root / "lm"), "--vision-encoder", str(root / "clip")])
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.base_model is None  # local folders are not hub ids
+    assert f"Converted with `flamingo-convert` from `{root / 'checkpoint.pt'}`." in card.text
+    assert f"| language model | `{root / 'lm'}` |" in card.text and "| target | `flamingo` |" in card.text
+    assert "# out\n" in card.text  # named after the folder, not the staging folder it was written in
+
+
+def test_a_parity_figure_given_to_convert_is_in_the_model_card(tmp_path, release):
+    _, root = release("llama")
+    parity = "max |logit diff| 2.3e-6 against open_flamingo 2.0.1"
+    out = convert(root / "checkpoint.pt", tmp_path / "out", root / "lm", hf_vision_tower(root / "clip"), vision_encoder="openai/clip-vit-large-patch14", parity=parity)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["openai/clip-vit-large-patch14"]
+    assert f"Parity: {parity}" in card.text
 
 
 def test_cli_refusal_is_a_message_not_a_traceback(tmp_path, release, capsys):
