@@ -34,8 +34,9 @@ logger = logging.get_logger(__name__)
 GENERATED_HEADER = "# Generated from the flamingo-otter-hf module `{module}` when this checkpoint was saved.\n"
 CARD_MARKER = "<!-- model card written by flamingo-otter-hf -->"
 # What the generated modules may import besides the standard library: torch, transformers (which brings
-# huggingface_hub) and einops, what any Flamingo-style code needs.
-REMOTE_CODE_REQUIREMENTS = ("einops", "huggingface_hub", "torch", "transformers")
+# huggingface_hub and numpy) and einops, what any Flamingo-style code needs, and Pillow, which transformers' image
+# processors need.
+REMOTE_CODE_REQUIREMENTS = ("PIL", "einops", "huggingface_hub", "numpy", "torch", "transformers")
 
 
 # --------------------------------------------------------------------------------------------------

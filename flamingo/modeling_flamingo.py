@@ -652,10 +652,11 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, **kwargs):
         """`GenerationMixin.generate`, after checking the prompt once: decoding steps pass `attended_image`, which
         skips `forward`'s prompt checks, and checking every step would cost a host sync per token."""
+        if "pixel_values" in kwargs:  # transformers' usual name; the generation steps only know vision_x
+            kwargs["vision_x"] = as_vision_x(kwargs.get("vision_x"), kwargs.pop("pixel_values"))
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
-            # `pixel_values`: the name transformers' pipelines use for the images, if the model takes it as well.
-            vision_x = kwargs.get("vision_x", kwargs.get("pixel_values"))
+            vision_x = kwargs.get("vision_x")
             media_cache = kwargs.get("media_cache")
             if vision_x is not None:
                 _check_vision_x(vision_x)
@@ -691,9 +692,6 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
-        # Before anything copies or slices them: the generation steps only know vision_x.
-        if "pixel_values" in model_kwargs:
-            model_kwargs["vision_x"] = as_vision_x(model_kwargs.get("vision_x"), model_kwargs.pop("pixel_values"))
         # Beam search and num_return_sequences copy every input once per sequence: encode the images first, then copy
         # their latents, rather than running the vision tower and perceiver on each copy.
         vision_x = model_kwargs.pop("vision_x", None) if expand_size > 1 else None

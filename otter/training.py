@@ -26,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from flamingo import recipes
+from flamingo.hub import push_folder, write_model_card
 from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator, UsableSamples
@@ -231,13 +232,23 @@ def finish(run: Run, step: int, train_seconds: float) -> dict:
             record_trained_model(model_dir)
             if run.heldout_set is not None and args.eval_samples:
                 summary.update(score(model_dir, run.processor, run.heldout_set, args.eval_samples))
+            write_model_card(model_dir, base_models=[str(args.model)], training=card_training(args, summary))
             (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_losses(StepLog(args.output_dir / "log.jsonl", True, resume_step=step).losses(), args.output_dir / "loss.png")
-            if args.push_to_hub:
-                OtterModel.from_pretrained(model_dir).push_to_hub(args.push_to_hub)
-                run.processor.push_to_hub(args.push_to_hub)
+            if args.push_to_hub:  # last: a failed upload keeps everything above
+                push_folder(model_dir, args.push_to_hub)
     accelerator.wait_for_everyone()
     return summary
+
+
+def card_training(args: argparse.Namespace, summary: dict) -> dict:
+    """What the model card says about this run: data, settings, results."""
+    results = {"held-out accuracy": summary.get("heldout_accuracy"),
+               "held-out accuracy, blank images": summary.get("blank_image_accuracy")}
+    return {"datasets": [str(args.data) if args.data else "the bundled toy shapes (otter/assets/toy)"],
+            "settings": {"steps": summary["steps"], "batch size": args.batch_size, "learning rate": args.lr,
+                         "trainable": args.trainable, "seed": args.seed},
+            "results": {name: value for name, value in results.items() if value is not None}}
 
 
 def score(model_dir: Path, processor: OtterProcessor, heldout_set: torch.utils.data.Dataset, count: int) -> dict:

@@ -4,7 +4,7 @@
 Same as the `flamingo-convert` command and `flamingo.convert.convert`; see `--help` and docs/converting.md.
 """
 
-from flamingo.convert import main
+from flamingo.commands.convert import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

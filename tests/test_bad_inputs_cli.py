@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from disk import tree_hashes
-from flamingo.convert import build_parser as convert_parser
+from flamingo.commands.convert import build_parser as convert_parser
 from flamingo.convert import cross_attention_every, load_checkpoint
-from flamingo.convert import main as convert_main
+from flamingo.commands.convert import main as convert_main
 from flamingo.arguments import parse_gpus
 from flamingo.commands.memory import parse_args as memory_args
 from flamingo.memory import plan_memory

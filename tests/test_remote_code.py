@@ -136,7 +136,7 @@ def test_config_and_processor_files_name_the_exported_classes(saved):
 
 def test_exported_modules_are_the_package_source_with_relative_imports(saved):
     model_type, folder, _ = saved
-    expected = {"configuration_flamingo", "modeling_flamingo", "processing_flamingo", "hub", "recipes"}
+    expected = {"configuration_flamingo", "modeling_flamingo", "processing_flamingo", "hub", "recipes", "local_files"}
     if model_type == "otter":
         expected |= {"configuration_otter", "modeling_otter", "processing_otter"}
     assert {path.stem for path in folder.glob("*.py")} == expected
