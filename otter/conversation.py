@@ -244,7 +244,10 @@ class ChatModel:
         context (a long chat grows past it)."""
         if not conversation.pending:
             raise ValueError("the conversation has no question to answer")
-        inputs = self.processor(text=conversation.prompt(self.processor), images=conversation.images() or None)
+        try:
+            inputs = self.processor(text=conversation.prompt(self.processor), images=conversation.images() or None)
+        except ValueError as error:  # the processor's refusals (a prompt past the context, images it cannot use)
+            raise InputError(str(error)) from error
         length, context = inputs["input_ids"].shape[1], self.model.config.context_length
         if context is not None and length >= context:
             raise InputError(f"The conversation is {length} tokens, more than the model's context of {context}: "

@@ -129,7 +129,7 @@ def test_a_text_file_in_an_example_slot_gets_the_demo_message(tmp_path):
     import gradio as gr
     from gradio.data_classes import ImageData
 
-    from otter.demo import examples_from_slots, image_slot
+    from otter.webui import examples_from_slots, image_slot
 
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")

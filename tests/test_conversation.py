@@ -249,7 +249,7 @@ def test_load_in_8bit(chat, tmp_path):
 @pytest.fixture
 def demo(chat):
     pytest.importorskip("gradio", reason="otter-demo needs gradio (pip install -e '.[demo]')")
-    from otter.demo import Demo
+    from otter.webui import Demo
 
     return Demo(chat, GREEDY)
 

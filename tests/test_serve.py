@@ -230,7 +230,7 @@ BAD_REQUESTS = {
     "more images than allowed": ({"messages": [user("Hi", *[shape()] * 9)]}, 400, "9 images; this server accepts "
                                  "at most 8"),
     "prompt longer than the context": ({"messages": [user("word " * 600, shape())]}, 400,
-                                       "more than the model's context of 512"),
+                                       "more than the tokenizer's model_max_length of 512"),
     "unknown parameter": ({"frobnicate": True}, 400, "Unknown parameter: 'frobnicate'."),
     "unsupported parameter": ({"tools": []}, 400, "Unknown parameter: 'tools'."),
     "bad value": ({"temperature": 5}, 400, "Invalid value for 'temperature'"),
@@ -344,7 +344,7 @@ def test_remote_chat_model_streams_the_in_process_answer(server, chat):
 
 
 def test_demo_answers_through_the_server(server, chat):
-    demo_module = pytest.importorskip("otter.demo", reason="the demo needs gradio")
+    demo_module = pytest.importorskip("otter.webui", reason="the demo needs gradio")
     demo = demo_module.Demo(RemoteChatModel(server.url, api_key=KEY), GREEDY, concurrent_answers=None)
     *_, (conversation, history) = demo.respond(FEW_SHOT_CONVERSATION, [], 10, False, 1.0, 1.0, 1, 0)
     expected = reference(chat, FEW_SHOT_CONVERSATION, 10)
