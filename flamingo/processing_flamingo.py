@@ -303,6 +303,36 @@ class FlamingoProcessor(ProcessorMixin):
         eoc = self.endofchunk_token_id
         return ids[: ids.index(eoc)] if eoc in ids else ids
 
+    # ---- few-shot evaluation prompts (flamingo.eval) ----------------------------------------------------------------
+    # OpenFlamingo's evaluation formats (open_flamingo/eval/models/open_flamingo.py), by task prompt style; `{answer}`
+    # is the caption, answer or class name, the other fields come from the task's items.
+    eval_prompt_templates: dict[str, str] = {
+        "captioning": "<image>Output:{answer}",
+        "vqa": "<image>Question:{question} Short answer:{answer}",
+        "imagenet": "<image>Output:{answer}",
+        "hateful_memes": "<image>is an image with: '{ocr}' written on it. Is it hateful? Answer:{answer}",
+    }
+    # OpenFlamingo puts a newline after each captioning and VQA demonstration, nothing after classification ones.
+    eval_demo_separators: dict[str, str] = {"captioning": "\n", "vqa": "\n"}
+
+    def eval_prompt(self, style: str, *, answer: str | None = None, template: str | None = None, **fields: str) -> str:
+        """One chunk of a few-shot evaluation prompt in this model's format.
+
+        Args:
+            style: a key of `eval_prompt_templates` (captioning, vqa, imagenet, hateful_memes).
+            answer: a demonstration's answer: the chunk is closed with `<|endofchunk|>` (and the style's separator);
+                `None` for the query, which ends where the model is to write.
+            template: a template to use instead of the model's (a task file's `prompt`).
+            fields: the template's other fields (`question`, `ocr`).
+        """
+        if template is None:
+            if style not in self.eval_prompt_templates:
+                raise KeyError(f"no evaluation prompt {style!r} for {type(self).__name__}; have {sorted(self.eval_prompt_templates)}")
+            template = self.eval_prompt_templates[style]
+        if answer is None:
+            return template.format(answer="", **fields).rstrip()
+        return template.format(answer=answer, **fields) + ENDOFCHUNK_TOKEN + self.eval_demo_separators.get(style, "")
+
 
 def _prompts(text: Any, processor_name: str) -> list[str]:
     if text is None:

@@ -76,5 +76,15 @@ class OtterProcessor(FlamingoProcessor):
             ids = ids[len(ids) - ids[::-1].index(answer) :]
         return super()._answer_ids(ids)
 
+    # Otter's chat chunks for flamingo.eval (see FlamingoProcessor.eval_prompt); chunks follow each other directly,
+    # as in its instruction tuning.
+    eval_prompt_templates = {
+        "captioning": "<image>User: What does the image describe? GPT:<answer> {answer}",
+        "vqa": "<image>User: {question} GPT:<answer> {answer}",
+        "imagenet": "<image>User: What is in the image? GPT:<answer> {answer}",
+        "hateful_memes": "<image>User: is an image with: '{ocr}' written on it. Is it hateful? GPT:<answer> {answer}",
+    }
+    eval_demo_separators: dict[str, str] = {}
+
 
 __all__ = ["OTTER_CHAT_TEMPLATE", "OtterProcessor", "build_prompt", "chunk"]

@@ -4,6 +4,7 @@
     otter-prepare-data folder photos/ instructions.jsonl out/mine   # a folder of images + a JSONL of instructions
     otter-prepare-data validate out/mine                            # check existing MIMIC-IT files
     otter-prepare-data toy otter/assets/toy                         # (re)build the bundled toy dataset
+    otter-prepare-data toy-eval data/toy-eval                       # toy evaluation data for flamingo-eval
 
 Every command writes (or reads) `instructions.json`, `images.json` and `train_config.json` in the output folder, then
 loads them with `MimicItDataset`, decodes every image and prints: usable rows, bad rows by reason, distinct images,
@@ -32,6 +33,7 @@ from .mimicit import MimicItDataset, mimicit_paths, write_mimicit
 from .multi_instruct import MultiInstructDataset
 from .samples import BadImageError, BadRowError, EncodedImage, decode_image, describe_counts, text_problem
 from .toy import make_toy_dataset
+from .toy_eval import make_toy_eval_data
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +218,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # Bounded above: every picture is drawn in memory, and 100000 px a side would be 30 GB each.
     toy.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=32,
                      help=f"pixels a side, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 32)")
+    toy_eval = commands.add_parser("toy-eval", help="write toy captioning/VQA evaluation data for flamingo-eval")
+    toy_eval.add_argument("out", type=Path, help="folder for the data and its task files (toy_captions.json, toy_vqa.json)")
+    toy_eval.add_argument("--seed", type=int, default=0)
+    # At least one item of each of the four question types per split.
+    toy_eval.add_argument("--num-train", type=int_at_least(4), default=200, help="demonstration pool size per task")
+    toy_eval.add_argument("--num-test", type=int_at_least(4), default=100, help="test items per task")
     return parser.parse_args(argv)
 
 
@@ -230,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     bad_rows: Counter[str] = Counter()
+    if args.command == "toy-eval":
+        tasks = make_toy_eval_data(args.out, seed=args.seed, num_train=args.num_train, num_test=args.num_test)
+        print("\n".join(f"task file: {path}" for path in tasks.values()))
+        return
     if args.command == "tsv":
         folders = [_write(tsv_records(args.tsv, bad_rows), args.out, args.tsv, bad_rows)]
     elif args.command == "folder":

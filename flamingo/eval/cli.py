@@ -1,0 +1,163 @@
+"""`flamingo-eval`: few-shot evaluation of a FlamingoModel or OtterModel, OpenFlamingo's protocol.
+
+examples:
+  # COCO captioning (Karpathy split: dataset_coco.json, train2014/, val2014/ under --data-dir), CIDEr
+  flamingo-eval --model openflamingo/OpenFlamingo-9B-vitl-mpt7b --tokenizer anas-awadalla/mpt-7b \\
+      --task coco --data-dir data/coco --shots 0 4 8 16 32 --trials 3 --output-dir results/coco
+  # Flickr30K (dataset_flickr30k.json, flickr30k-images/), CIDEr, RICES demonstrations from an open_clip model
+  flamingo-eval --model MODEL --task flickr30k --data-dir data/flickr30k --demos rices --rices-encoder ViT-L-14:openai
+  # VQAv2 (v2_OpenEnded_mscoco_{train,val}2014_questions.json, v2_mscoco_{train,val}2014_annotations.json,
+  # train2014/, val2014/), VQA accuracy; okvqa, textvqa and vizwiz read the same format
+  flamingo-eval --model MODEL --task vqav2 --data-dir data/vqav2 --shots 0 4 8 --limit 1000
+  # ImageNet-style folders (train/<class>/..., val/<class>/..., classnames.txt), top-1 by log-likelihood ranking
+  flamingo-eval --model MODEL --task imagenet --data-dir data/imagenet --shots 0 4 --batch-size 64
+  # Hateful Memes (train.jsonl, dev.jsonl, img/), ROC AUC
+  flamingo-eval --model MODEL --task hateful_memes --data-dir data/hateful_memes --shots 0 4
+  # a task file (format, files, prompt template): e.g. the toy data of `otter-prepare-data toy-eval data/toy-eval`
+  flamingo-eval --model output/otter-toy --task data/toy-eval/toy_vqa.json data/toy-eval/toy_captions.json \\
+      --shots 0 2 4
+  # sharded over processes (GPUs; on a CPU: torchrun --nproc_per_node 2 -m flamingo.eval ...)
+  accelerate launch -m flamingo.eval --model MODEL --task coco --data-dir data/coco
+
+Writes to --output-dir: results.json ({"task", "model", "metric", "shots": {"4": {"mean", "std", "trials"}},
+"config"}), one predictions-<shots>shot-trial<k>.jsonl per trial, results.md; with several tasks, one folder per
+task. Prints the table (rows: tasks, columns: shots, cells: mean ± std over the trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="flamingo-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a model folder (save_pretrained) or hub id")
+    parser.add_argument("--tokenizer", help="the base LM's tokenizer, for checkpoints that ship none")
+    parser.add_argument("--task", nargs="+", required=True,
+                        help="built-in task names (coco flickr30k vqav2 okvqa textvqa vizwiz imagenet hateful_memes) "
+                             "or task files (JSON)")
+    parser.add_argument("--data-dir", type=Path, help="the built-in tasks' data folder (task files: overrides theirs)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8])
+    parser.add_argument("--trials", type=int, default=3, help="trials per shot count; trial k seeds with --seed + k")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--demos", choices=("random", "rices"), default="random")
+    parser.add_argument("--rices-encoder", help="open_clip NAME[:PRETRAINED] for RICES (default: the model's vision tower)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, help="default: the task's (20 captioning, 5 VQA, 10 TextVQA)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N test items")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device-map", help='e.g. "auto" or "cuda:0" (default: CPU, or each process\'s GPU)')
+    parser.add_argument("--output-dir", type=Path, default=Path("eval-results"))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    args = parser.parse_args(argv)
+    for flag in ("trials", "batch_size", "num_beams"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if any(count < 0 for count in args.shots):
+        parser.error("--shots must be 0 or more")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    return args
+
+
+def distributed_state():
+    """The process group of `accelerate launch`/torchrun; gloo on a CPU (accelerate needs `cpu=True` there, or each
+    process silently runs alone)."""
+    import torch
+    from accelerate import PartialState
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=world_size > 1 and not torch.cuda.is_available())
+    if state.num_processes != world_size:
+        raise RuntimeError(f"launched {world_size} processes but accelerate formed a group of {state.num_processes}")
+    return state
+
+
+def load_model_and_processor(name: str, *, tokenizer: str | None, device_map, dtype: str):
+    """Stand-in until `flamingo.loading` lands: a saved model folder (or hub id) and its processor."""
+    import importlib.metadata
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    for entry_point in importlib.metadata.entry_points(group="flamingo.model_types"):
+        entry_point.load()  # plugins (otter) register their model types
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=getattr(torch, dtype), device_map=device_map)
+    processor = AutoProcessor.from_pretrained(name)
+    if tokenizer is not None:
+        processor = type(processor).from_base_tokenizer(tokenizer)
+    return model.eval(), processor
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .runner import evaluate, markdown_table
+    from .tasks import load_task
+
+    state = distributed_state()
+    tasks = [load_task(task, args.data_dir) for task in args.task]  # bad files fail before the model loads
+    device_map = args.device_map or ({"": str(state.device)} if state.device.type != "cpu" else None)
+    model, processor = load_model_and_processor(args.model, tokenizer=args.tokenizer, device_map=device_map, dtype=args.dtype)
+    all_results = []
+    for task in tasks:
+        results = evaluate(
+            model, processor, task, shots=args.shots, trials=args.trials, seed=args.seed, demos=args.demos,
+            batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+            rices_encoder=args.rices_encoder, limit=args.limit, state=state, progress=not args.no_progress,
+            model_name=args.model,
+        )
+        if state.is_main_process:
+            folder = args.output_dir if len(tasks) == 1 else args.output_dir / task.name
+            write_results(results, folder)
+        all_results.append(results)
+    if state.is_main_process:
+        table = markdown_table(all_results)
+        (args.output_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+        print(table)
+    return 0
+
+
+def write_results(results, folder: Path) -> None:
+    """results.json, one predictions jsonl per trial, results.md."""
+    from .runner import markdown_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
+    for trial in results.trials:
+        path = folder / f"predictions-{trial.shots}shot-trial{trial.trial}.jsonl"
+        with open(path, "w", encoding="utf-8") as file:
+            for record in trial.predictions:
+                file.write(json.dumps({k: v for k, v in record.items() if k != "index"}, default=str) + "\n")
+    (folder / "results.md").write_text(markdown_table([results]) + "\n", encoding="utf-8")
+    logger.info("Wrote %s", folder / "results.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: an error is one line (`flamingo-eval: error: ...`, exit 2) unless --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _main(argv)
+    except Exception as error:  # noqa: BLE001  the command's last line of defence
+        if "--debug" in argv:
+            raise
+        print(f"flamingo-eval: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
