@@ -89,13 +89,14 @@ def distributed_state():
 
 def load_model_and_processor(name: str, *, tokenizer: str | None, device_map, dtype: str):
     """Stand-in until `flamingo.loading` lands: a saved model folder (or hub id) and its processor."""
+    import importlib
     import importlib.metadata
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     for entry_point in importlib.metadata.entry_points(group="flamingo.model_types"):
-        entry_point.load()  # plugins (otter) register their model types
+        importlib.import_module(entry_point.module)  # importing a plugin (otter) registers its model types
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=getattr(torch, dtype), device_map=device_map)
     processor = AutoProcessor.from_pretrained(name)
     if tokenizer is not None:
