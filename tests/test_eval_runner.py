@@ -19,21 +19,19 @@ from flamingo.eval.cli import main as eval_main
 from flamingo.eval.runner import _Runner, build_prompt
 from otter import OtterModel, OtterProcessor
 from otter.data.toy_eval import make_toy_eval_data
-from tiny_models import randomize_gates
+from tiny_models import ROOT, TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-REPO = Path(__file__).resolve().parents[1]
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr's PTB tokenizer runs Java")
 
 
-def tiny(model_class=FlamingoModel, folder="tiny-flamingo", seed=0):
+def tiny(model_class=FlamingoModel, folder=TINY_FLAMINGO_DIR, seed=0):
     torch.manual_seed(seed)
-    return randomize_gates(model_class(AutoConfig.from_pretrained(CONFIGS / folder)).eval(), seed)
+    return randomize_gates(model_class(AutoConfig.from_pretrained(folder)).eval(), seed)
 
 
 @pytest.fixture(scope="module")
 def flamingo():
-    return tiny(), FlamingoProcessor.from_pretrained(CONFIGS / "tiny-flamingo")
+    return tiny(), FlamingoProcessor.from_pretrained(TINY_FLAMINGO_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +151,7 @@ def test_command_errors_name_the_file(model_dir, tmp_path, capsys):
 
 
 def test_otter_uses_its_chat_chunks(toy):
-    model, processor = tiny(OtterModel, "tiny-otter"), OtterProcessor.from_pretrained(CONFIGS / "tiny-otter")
+    model, processor = tiny(OtterModel, TINY_OTTER_DIR), OtterProcessor.from_pretrained(TINY_OTTER_DIR)
     task = load_task(toy["vqa"])
     prompt = build_prompt(processor, task, 0, task.test[0], task.train[:2], with_images=True)
     demo = task.train[0]
@@ -164,7 +162,7 @@ def test_otter_uses_its_chat_chunks(toy):
 
 
 def test_flamingo_prompts_are_openflamingos():
-    processor = FlamingoProcessor.from_pretrained(CONFIGS / "tiny-flamingo")
+    processor = FlamingoProcessor.from_pretrained(TINY_FLAMINGO_DIR)
     assert processor.eval_prompt("vqa", question="Why?", answer="no") == "<image>Question:Why? Short answer:no<|endofchunk|>\n"
     assert processor.eval_prompt("vqa", question="Why?") == "<image>Question:Why? Short answer:"
     assert processor.eval_prompt("captioning", answer="A cat.") == "<image>Output:A cat.<|endofchunk|>\n"
@@ -186,7 +184,7 @@ def test_two_gloo_processes_give_what_one_gives(model_dir, toy, tmp_path):
     """torchrun with 2 CPU processes (gloo): the same predictions and scores as a single process."""
     common = ["-m", "flamingo.eval", "--model", str(model_dir), "--task", str(toy["vqa"]), str(toy["captions"]),
               "--shots", "0", "2", "--trials", "2", "--batch-size", "3", "--num-beams", "2", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     single = subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -34,10 +34,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flamingo.cli import add_debug_flag, run_command
+
 logger = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -58,11 +57,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's (20 captioning, 5 VQA, 10 TextVQA)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N test items")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--device-map", help='e.g. "auto" or "cuda:0" (default: CPU, or each process\'s GPU)')
     parser.add_argument("--output-dir", type=Path, default=Path("eval-results"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     for flag in ("trials", "batch_size", "num_beams"):
         if getattr(args, flag) < 1:
@@ -87,32 +86,20 @@ def distributed_state():
     return state
 
 
-def load_model_and_processor(name: str, *, tokenizer: str | None, device_map, dtype: str):
-    """Stand-in until `flamingo.loading` lands: a saved model folder (or hub id) and its processor."""
-    import importlib
-    import importlib.metadata
-
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    for entry_point in importlib.metadata.entry_points(group="flamingo.model_types"):
-        importlib.import_module(entry_point.module)  # importing a plugin (otter) registers its model types
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=getattr(torch, dtype), device_map=device_map)
-    processor = AutoProcessor.from_pretrained(name)
-    if tokenizer is not None:
-        processor = type(processor).from_base_tokenizer(tokenizer)
-    return model.eval(), processor
-
-
 def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from flamingo.loading import load_model_and_processor
+
     from .runner import evaluate, markdown_table
     from .tasks import load_task
 
     state = distributed_state()
     tasks = [load_task(task, args.data_dir) for task in args.task]  # bad files fail before the model loads
     device_map = args.device_map or ({"": str(state.device)} if state.device.type != "cpu" else None)
-    model, processor = load_model_and_processor(args.model, tokenizer=args.tokenizer, device_map=device_map, dtype=args.dtype)
+    loaded = load_model_and_processor(args.model, tokenizer=args.tokenizer, device_map=device_map, dtype=args.dtype)
+    if not loaded.trained:
+        logger.warning("%s is untrained (random weights): its scores mean nothing", args.model)
+    model, processor = loaded.model, loaded.processor
     all_results = []
     for task in tasks:
         results = evaluate(
@@ -148,16 +135,7 @@ def write_results(results, folder: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: an error is one line (`flamingo-eval: error: ...`, exit 2) unless --debug."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return _main(argv)
-    except Exception as error:  # noqa: BLE001  the command's last line of defence
-        if "--debug" in argv:
-            raise
-        print(f"flamingo-eval: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":
