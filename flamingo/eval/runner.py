@@ -383,20 +383,15 @@ class _Runner:
         return self.task.class_names[best], scores
 
     def _continuation_ids(self, prompt: Prompt, class_name: str) -> list[int]:
-        """The ids that a class name adds to the prompt: those of the prompt with the query answered, past the
-        prompt's own (or, where tokenization merges across the boundary, the class text tokenized alone)."""
+        """The ids that a class name adds to the prompt (the text of the query chunk answered with it, past the
+        query's own text)."""
         style, template = self.task.prompt_style, self.task.prompt
         query = self.processor.eval_prompt(style, template=template, **prompt.item.fields)
         answered = self.processor.eval_prompt(style, answer=class_name, template=template, **prompt.item.fields)
         answered = answered[: answered.rindex(ENDOFCHUNK_TOKEN)]
         if not answered.startswith(query):
             raise ValueError(f"the query prompt {query!r} is not a prefix of its answered form {answered!r}")
-        tokenizer = self.processor.tokenizer
-        full = tokenizer(prompt.text + answered[len(query):])["input_ids"]
-        prefix = tokenizer(prompt.text)["input_ids"]
-        if full[: len(prefix)] == prefix and len(full) > len(prefix):
-            return full[len(prefix):]
-        return tokenizer(answered[len(query):], add_special_tokens=False)["input_ids"]
+        return continuation_ids(self.processor.tokenizer, prompt.text, answered[len(query) :])
 
     def _score_continuations(self, prefix, cache, media, first_logprobs, chunk: list[list[int]]) -> list[float]:
         device = prefix.device
@@ -421,6 +416,16 @@ class _Runner:
                 total += logits[row, position - 1, continuation[position]].item()
             scores.append(total / len(continuation))
         return scores
+
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> list[int]:
+    """The ids that `continuation` adds after `context`: those of the joined text past the context's own, or, where
+    tokenization merges across the boundary, the continuation tokenized alone (as OpenFlamingo does)."""
+    full = tokenizer(context + continuation)["input_ids"]
+    prefix = tokenizer(context)["input_ids"]
+    if full[: len(prefix)] == prefix and len(full) > len(prefix):
+        return full[len(prefix) :]
+    return tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

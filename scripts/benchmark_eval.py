@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Items per second of `flamingo-eval` against OpenFlamingo 2.0.1's own evaluation code, on the same tiny model and
+data, in one run: captioning at 0 and 4 shots, beam search as OpenFlamingo evaluates (3 beams, 20 new tokens).
+
+    python scripts/benchmark_eval.py [--items 32] [--batch-size 8] [--shots 0 4] [--out benchmark-eval]
+
+What runs on each side:
+- the model: a seeded tiny OpenFlamingo built by OpenFlamingo's own factory (`shared/tools/make_openflamingo_reference.py`),
+  and the same weights converted by `flamingo-convert` (the parity tests show both give the same logits);
+- the data: the toy captions of `otter-prepare-data toy-eval` (a Karpathy-split JSON, 5 captions per image);
+- OpenFlamingo: `open_flamingo/eval/evaluate.py`'s `evaluate_captioning` (its dataset, demonstration sampling,
+  prompt building, loop, gather and scoring), with an `EvalModel` written here because the PyPI wheel lacks
+  `open_flamingo/eval/models/` (it follows the repository's `models/open_flamingo.py`: per-image preprocessing,
+  left-padded tokens, `Flamingo.generate`, new tokens decoded). Its scorer runs COCOEvalCap, whose SPICE needs a
+  download: it is replaced by the same pycocoevalcap CIDEr that flamingo-eval uses, so both sides score alike;
+- flamingo-eval: `flamingo.eval.evaluate` on the converted model.
+
+Timings include prompt building, image loading, generation and scoring, not model loading. On a shared or busy
+machine they are noisy: compare the two columns of one run, not runs with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = Path(os.environ.get("OPENFLAMINGO_REFERENCE_TOOL", ROOT.parent / "shared/tools/make_openflamingo_reference.py"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=32, help="test items per run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 4])
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
+    return parser.parse_args(argv)
+
+
+# ---- the shared model and data -------------------------------------------------------------------------------
+
+
+def load_tool():
+    if not TOOL.is_file():
+        raise SystemExit(f"OpenFlamingo reference generator not found at {TOOL} (set OPENFLAMINGO_REFERENCE_TOOL)")
+    spec = importlib.util.spec_from_file_location("make_openflamingo_reference", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def build_models(work: Path):
+    """OpenFlamingo's model (its factory + checkpoint.pt) and ours converted from the same files."""
+    from flamingo.convert import convert, open_clip_vision_tower
+    from flamingo.loading import load_model_and_processor
+
+    tool = load_tool()
+    reference = work / "openflamingo"
+    if not (reference / "checkpoint.pt").is_file():
+        subprocess.run([sys.executable, str(TOOL), str(reference), "--seed", "0", "--overwrite"], check=True,
+                       stdout=subprocess.DEVNULL)
+    tool.apply_compat_patches()
+    import open_clip
+
+    open_clip.add_model_config(reference / "open_clip")
+    meta = json.loads((reference / "meta.json").read_text())
+    theirs, image_processor, tokenizer = tool.build_flamingo(
+        str(reference), str(reference / "open_clip" / "open_clip_model.safetensors"), meta["flamingo"]["cross_attn_every_n_layers"])
+    theirs.load_state_dict(torch.load(reference / "checkpoint.pt"), strict=False)
+    folder = work / "converted"
+    if not (folder / "config.json").is_file():
+        tower = open_clip_vision_tower(reference / "open_clip" / "OF-tiny-ViT.json", reference / "open_clip" / "open_clip_model.safetensors")
+        convert(reference / "checkpoint.pt", folder, reference / "lm", tower,
+                cross_attn_every_n_layers=meta["flamingo"]["cross_attn_every_n_layers"], overwrite=True)
+    from flamingo.registry import load_plugins
+
+    load_plugins()  # flamingo.loading registers the model types only when it resolves a shipped name
+    ours = load_model_and_processor(folder)
+    return (theirs.eval(), image_processor, tokenizer), (ours.model, ours.processor)
+
+
+def build_data(work: Path, items: int) -> Path:
+    from otter.data.toy_eval import make_toy_eval_data
+
+    data = work / "data"
+    if not (data / "toy_captions.json").is_file():
+        make_toy_eval_data(data, num_train=max(64, items), num_test=items)
+    karpathy = json.loads((data / "dataset_toy_captions.json").read_text())
+    coco = {  # the COCO-format references that OpenFlamingo's scorer reads
+        "images": [{"id": entry["cocoid"]} for entry in karpathy["images"] if entry["split"] == "test"],
+        "annotations": [{"image_id": entry["cocoid"], "id": entry["cocoid"] * 10 + j, "caption": s["raw"]}
+                        for entry in karpathy["images"] if entry["split"] == "test" for j, s in enumerate(entry["sentences"])],
+        "type": "captions", "info": {}, "licenses": [],
+    }
+    (data / "captions_coco_format.json").write_text(json.dumps(coco))
+    return data
+
+
+# ---- OpenFlamingo's evaluator ----------------------------------------------------------------------------------
+
+
+def import_openflamingo_evaluate():
+    """`open_flamingo/eval/evaluate.py` imports its siblings as top-level modules, among them OK-VQA's
+    post-processing, which needs nltk and its WordNet data: unused for captioning, it is left out."""
+    import open_flamingo
+
+    sys.path.insert(0, str(Path(open_flamingo.__file__).parent / "eval"))
+    ok_vqa = sys.modules.setdefault("ok_vqa_utils", types.ModuleType("ok_vqa_utils"))
+    ok_vqa.postprocess_ok_vqa_generation = lambda text: text
+    import evaluate as of_evaluate  # noqa: E402  (open_flamingo/eval/evaluate.py)
+
+    return of_evaluate
+
+
+def openflamingo_eval_model(model, image_processor, tokenizer, base):
+    class EvalModel(base):
+        """After open_flamingo/eval/models/open_flamingo.py (not in the wheel), on the CPU, in float32."""
+
+        def __init__(self):
+            self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+            self.tokenizer.padding_side = "left"
+            self.device = "cpu"
+
+        def _prepare_images(self, batch):
+            images_per_example = max(len(x) for x in batch)
+            first = self.image_processor(batch[0][0])
+            vision_x = torch.zeros((len(batch), images_per_example, 1, *first.shape))
+            for i, example in enumerate(batch):
+                for j, image in enumerate(example):
+                    vision_x[i, j, 0] = self.image_processor(image)
+            return vision_x
+
+        def get_outputs(self, batch_text, batch_images, min_generation_length, max_generation_length, num_beams, length_penalty):
+            encodings = self.tokenizer(batch_text, padding="longest", truncation=True, return_tensors="pt", max_length=2000)
+            with torch.inference_mode():
+                outputs = self.model.generate(
+                    self._prepare_images(batch_images), encodings["input_ids"], attention_mask=encodings["attention_mask"],
+                    min_new_tokens=min_generation_length, max_new_tokens=max_generation_length, num_beams=num_beams,
+                    length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id,
+                )
+            outputs = outputs[:, len(encodings["input_ids"][0]) :]
+            return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
+
+        def get_caption_prompt(self, caption=None) -> str:
+            return f"<image>Output:{caption if caption is not None else ''}{'<|endofchunk|>' if caption is not None else ''}"
+
+    return EvalModel()
+
+
+def run_openflamingo(of_evaluate, eval_model, data: Path, shots: int, args) -> tuple[float, float]:
+    from flamingo.eval.metrics import cider
+
+    def cider_only(result_path, annotations_path):
+        references = {}
+        for annotation in json.loads(Path(annotations_path).read_text())["annotations"]:
+            references.setdefault(annotation["image_id"], []).append(annotation["caption"])
+        predictions = {r["image_id"]: r["caption"] for r in json.loads(Path(result_path).read_text())}
+        return {"CIDEr": cider(predictions, {k: references[k] for k in predictions}) / 100}
+
+    of_evaluate.compute_cider = cider_only
+    namespace = argparse.Namespace(
+        model="open_flamingo", coco_train_image_dir_path=str(data / "images"), coco_val_image_dir_path=str(data / "images"),
+        coco_karpathy_json_path=str(data / "dataset_toy_captions.json"),
+        coco_annotations_json_path=str(data / "captions_coco_format.json"), num_samples=args.items,
+        batch_size=args.batch_size, rices=False, query_set_size=64, rank=0, world_size=1,
+    )
+    start = time.perf_counter()
+    score = of_evaluate.evaluate_captioning(namespace, eval_model, seed=42, num_beams=args.num_beams, num_shots=shots, dataset_name="coco")
+    return time.perf_counter() - start, score
+
+
+def run_ours(model, processor, data: Path, shots: int, args) -> tuple[float, float]:
+    from flamingo.eval import evaluate, load_task
+
+    task = load_task(data / "toy_captions.json")
+    task.max_new_tokens = 20  # OpenFlamingo's captioning length
+    start = time.perf_counter()
+    results = evaluate(model, processor, task, shots=[shots], trials=1, batch_size=args.batch_size,
+                       num_beams=args.num_beams, limit=args.items, progress=False)
+    return time.perf_counter() - start, results.trials[0].score
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    work = args.out or Path(tempfile.mkdtemp(prefix="benchmark-eval-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (theirs, image_processor, tokenizer), (model, processor) = build_models(work)
+    data = build_data(work, args.items)
+    of_evaluate = import_openflamingo_evaluate()
+    if not torch.distributed.is_initialized():  # OpenFlamingo's loop shards with a DistributedSampler and gathers
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    eval_model = openflamingo_eval_model(theirs, image_processor, tokenizer, of_evaluate.BaseEvalModel)
+    rows = []
+    for shots in args.shots:
+        of_seconds, of_score = run_openflamingo(of_evaluate, eval_model, data, shots, args)
+        our_seconds, our_score = run_ours(model, processor, data, shots, args)
+        rows.append((shots, args.items / of_seconds, args.items / our_seconds, of_score * 100, our_score))
+    print(f"captioning, {args.items} items, batch {args.batch_size}, {args.num_beams} beams, threads {torch.get_num_threads()}")
+    print("| shots | OpenFlamingo 2.0.1 items/s | flamingo-eval items/s | speed-up | CIDEr (OF / ours) |")
+    print("|---|---|---|---|---|")
+    for shots, of_rate, our_rate, of_score, our_score in rows:
+        print(f"| {shots} | {of_rate:.2f} | {our_rate:.2f} | {our_rate / of_rate:.2f}x | {of_score:.1f} / {our_score:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
