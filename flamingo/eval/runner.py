@@ -257,10 +257,10 @@ def evaluate(
             trial_seed = seed + trial
             demo_count = count if count > 0 else zero_shot_text_demos
             predictions = runner.run(selector, demo_count, with_images=count > 0, seed=trial_seed,
-                                     description=f"{task.name} {count}-shot trial {trial + 1}/{trials}")
-            score, skipped = score_predictions(task, predictions)
+                                     description=f"{task.name} {count}-shot trial {trial} (seed {trial_seed})")
+            score, skipped = _score_once(task, predictions, state)
             results.append(TrialResult(count, trial, trial_seed, score, predictions, skipped))
-            logger.info("%s %d-shot trial %d: %s %.2f", task.name, count, trial + 1, task.metric, score)
+            logger.info("%s %d-shot trial %d (seed %d): %s %.2f", task.name, count, trial, trial_seed, task.metric, score)
     config = {
         "shots": list(shots), "trials": trials, "seed": seed, "demos": demos if isinstance(demos, str) else type(demos).__name__,
         "batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens or task.max_new_tokens,
@@ -431,6 +431,24 @@ def continuation_ids(tokenizer, context: str, continuation: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _score_once(task: Task, predictions: list[dict], state) -> tuple[float, Counter[str]]:
+    """Scored by the main process (CIDEr runs Java) and handed to the others."""
+    if state.num_processes == 1:
+        return score_predictions(task, predictions)
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            outcome = [score_predictions(task, predictions)]
+        except Exception as error:  # noqa: BLE001  handed to every process, so none waits forever
+            outcome = [error]
+    outcome = broadcast_object_list(outcome, from_process=0)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def score_predictions(task: Task, predictions: list[dict]) -> tuple[float, Counter[str]]:
