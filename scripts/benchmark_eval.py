@@ -5,8 +5,9 @@ data, in one run: captioning at 0 and 4 shots, beam search as OpenFlamingo evalu
     python scripts/benchmark_eval.py [--items 32] [--batch-size 8] [--shots 0 4] [--out benchmark-eval]
 
 What runs on each side:
-- the model: a seeded tiny OpenFlamingo built by OpenFlamingo's own factory (`shared/tools/make_openflamingo_reference.py`),
-  and the same weights converted by `flamingo-convert` (the parity tests show both give the same logits);
+- the model: a seeded tiny OpenFlamingo built by OpenFlamingo's own factory (`tests/openflamingo_reference.py`, the
+  parity tests' reference), and the same weights converted by `flamingo-convert` (the parity tests show both give
+  the same logits);
 - the data: the toy captions of `otter-prepare-data toy-eval` (a Karpathy-split JSON, 5 captions per image);
 - OpenFlamingo: `open_flamingo/eval/evaluate.py`'s `evaluate_captioning` (its dataset, demonstration sampling,
   prompt building, loop, gather and scoring), with an `EvalModel` written here because the PyPI wheel lacks
@@ -22,10 +23,8 @@ machine they are noisy: compare the two columns of one run, not runs with each o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = Path(os.environ.get("OPENFLAMINGO_REFERENCE_TOOL", ROOT.parent / "shared/tools/make_openflamingo_reference.py"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,40 +49,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- the shared model and data -------------------------------------------------------------------------------
 
 
-def load_tool():
-    if not TOOL.is_file():
-        raise SystemExit(f"OpenFlamingo reference generator not found at {TOOL} (set OPENFLAMINGO_REFERENCE_TOOL)")
-    spec = importlib.util.spec_from_file_location("make_openflamingo_reference", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def build_models(work: Path):
-    """OpenFlamingo's model (its factory + checkpoint.pt) and ours converted from the same files."""
+    """OpenFlamingo's model (its factory + checkpoint.pt, as the parity tests build it) and ours converted from the
+    same files. OpenFlamingo's image preprocessing is its factory's: open_clip's transform of the CLIP model."""
+    sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
+    import open_clip
+    from openflamingo_reference import CLIP_NAME, build_reference
+    from reference_factory import build_open_flamingo
+
     from flamingo.convert import convert, open_clip_vision_tower
     from flamingo.loading import load_model_and_processor
-
-    tool = load_tool()
-    reference = work / "openflamingo"
-    if not (reference / "checkpoint.pt").is_file():
-        subprocess.run([sys.executable, str(TOOL), str(reference), "--seed", "0", "--overwrite"], check=True,
-                       stdout=subprocess.DEVNULL)
-    tool.apply_compat_patches()
-    import open_clip
-
-    open_clip.add_model_config(reference / "open_clip")
-    meta = json.loads((reference / "meta.json").read_text())
-    theirs, image_processor, tokenizer = tool.build_flamingo(
-        str(reference), str(reference / "open_clip" / "open_clip_model.safetensors"), meta["flamingo"]["cross_attn_every_n_layers"])
-    theirs.load_state_dict(torch.load(reference / "checkpoint.pt"), strict=False)
-    folder = work / "converted"
-    if not (folder / "config.json").is_file():
-        tower = open_clip_vision_tower(reference / "open_clip" / "OF-tiny-ViT.json", reference / "open_clip" / "open_clip_model.safetensors")
-        convert(reference / "checkpoint.pt", folder, reference / "lm", tower,
-                cross_attn_every_n_layers=meta["flamingo"]["cross_attn_every_n_layers"], overwrite=True)
     from flamingo.registry import load_plugins
 
+    reference, every = work / "openflamingo", 2
+    if not (reference / "checkpoint.pt").is_file():
+        build_reference(reference, "llama", every, seed=0)
+    config, weights = reference / "open_clip" / f"{CLIP_NAME}.json", reference / "open_clip" / "open_clip_model.safetensors"
+    open_clip.add_model_config(config)
+    theirs, tokenizer = build_open_flamingo(CLIP_NAME, weights, reference / "lm", every)
+    theirs.load_state_dict(torch.load(reference / "checkpoint.pt"), strict=False)
+    _, _, image_processor = open_clip.create_model_and_transforms(CLIP_NAME, pretrained=str(weights))
+    folder = work / "converted"
+    if not (folder / "config.json").is_file():
+        convert(reference / "checkpoint.pt", folder, reference / "lm", open_clip_vision_tower(config, weights),
+                cross_attn_every_n_layers=every, overwrite=True)
     load_plugins()  # flamingo.loading registers the model types only when it resolves a shipped name
     ours = load_model_and_processor(folder)
     return (theirs.eval(), image_processor, tokenizer), (ours.model, ours.processor)
