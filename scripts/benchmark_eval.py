@@ -81,7 +81,7 @@ def build_models(work: Path):
 def build_data(work: Path, items: int) -> Path:
     from otter.data.toy_eval import make_toy_eval_data
 
-    data = work / "data"
+    data = work / f"data-{items}"
     if not (data / "toy_captions.json").is_file():
         make_toy_eval_data(data, num_train=max(64, items), num_test=items)
     karpathy = json.loads((data / "dataset_toy_captions.json").read_text())

@@ -124,6 +124,10 @@ class LatentCache:
         self._latents: OrderedDict[Path, torch.Tensor] = OrderedDict()
         self._unreadable: dict[Path, str] = {}
 
+    def prefetch(self, paths: Sequence[Path]) -> None:
+        """Encode those of `paths` not seen yet, in batches."""
+        self._fill(paths)
+
     def unreadable(self, paths: Sequence[Path]) -> Path | None:
         """The first of `paths` that cannot be decoded (after trying to), or None."""
         self._fill(paths)
@@ -313,6 +317,7 @@ class _Runner:
 
     def _predict(self, prompts: list[Prompt]) -> list[dict]:
         usable, records = [], []
+        self.latents.prefetch([path for prompt in prompts for path in prompt.images])  # the batch's new images at once
         for prompt in prompts:
             bad = self.latents.unreadable(prompt.images)
             if bad is None:
