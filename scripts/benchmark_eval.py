@@ -64,15 +64,24 @@ def build_models(work: Path):
     reference, every = work / "openflamingo", 2
     if not (reference / "checkpoint.pt").is_file():
         build_reference(reference, "llama", every, seed=0)
-    config, weights = reference / "open_clip" / f"{CLIP_NAME}.json", reference / "open_clip" / "open_clip_model.safetensors"
+    config, weights = (
+        reference / "open_clip" / f"{CLIP_NAME}.json",
+        reference / "open_clip" / "open_clip_model.safetensors",
+    )
     open_clip.add_model_config(config)
     theirs, tokenizer = build_open_flamingo(CLIP_NAME, weights, reference / "lm", every)
     theirs.load_state_dict(torch.load(reference / "checkpoint.pt"), strict=False)
     _, _, image_processor = open_clip.create_model_and_transforms(CLIP_NAME, pretrained=str(weights))
     folder = work / "converted"
     if not (folder / "config.json").is_file():
-        convert(reference / "checkpoint.pt", folder, reference / "lm", open_clip_vision_tower(config, weights),
-                cross_attn_every_n_layers=every, overwrite=True)
+        convert(
+            reference / "checkpoint.pt",
+            folder,
+            reference / "lm",
+            open_clip_vision_tower(config, weights),
+            cross_attn_every_n_layers=every,
+            overwrite=True,
+        )
     load_plugins()  # flamingo.loading registers the model types only when it resolves a shipped name
     ours = load_model_and_processor(folder)
     return (theirs.eval(), image_processor, tokenizer), (ours.model, ours.processor)
@@ -87,9 +96,15 @@ def build_data(work: Path, items: int) -> Path:
     karpathy = json.loads((data / "dataset_toy_captions.json").read_text())
     coco = {  # the COCO-format references that OpenFlamingo's scorer reads
         "images": [{"id": entry["cocoid"]} for entry in karpathy["images"] if entry["split"] == "test"],
-        "annotations": [{"image_id": entry["cocoid"], "id": entry["cocoid"] * 10 + j, "caption": s["raw"]}
-                        for entry in karpathy["images"] if entry["split"] == "test" for j, s in enumerate(entry["sentences"])],
-        "type": "captions", "info": {}, "licenses": [],
+        "annotations": [
+            {"image_id": entry["cocoid"], "id": entry["cocoid"] * 10 + j, "caption": s["raw"]}
+            for entry in karpathy["images"]
+            if entry["split"] == "test"
+            for j, s in enumerate(entry["sentences"])
+        ],
+        "type": "captions",
+        "info": {},
+        "licenses": [],
     }
     (data / "captions_coco_format.json").write_text(json.dumps(coco))
     return data
@@ -129,13 +144,22 @@ def openflamingo_eval_model(model, image_processor, tokenizer, base):
                     vision_x[i, j, 0] = self.image_processor(image)
             return vision_x
 
-        def get_outputs(self, batch_text, batch_images, min_generation_length, max_generation_length, num_beams, length_penalty):
-            encodings = self.tokenizer(batch_text, padding="longest", truncation=True, return_tensors="pt", max_length=2000)
+        def get_outputs(
+            self, batch_text, batch_images, min_generation_length, max_generation_length, num_beams, length_penalty
+        ):
+            encodings = self.tokenizer(
+                batch_text, padding="longest", truncation=True, return_tensors="pt", max_length=2000
+            )
             with torch.inference_mode():
                 outputs = self.model.generate(
-                    self._prepare_images(batch_images), encodings["input_ids"], attention_mask=encodings["attention_mask"],
-                    min_new_tokens=min_generation_length, max_new_tokens=max_generation_length, num_beams=num_beams,
-                    length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id,
+                    self._prepare_images(batch_images),
+                    encodings["input_ids"],
+                    attention_mask=encodings["attention_mask"],
+                    min_new_tokens=min_generation_length,
+                    max_new_tokens=max_generation_length,
+                    num_beams=num_beams,
+                    length_penalty=length_penalty,
+                    pad_token_id=self.tokenizer.pad_token_id,
                 )
             outputs = outputs[:, len(encodings["input_ids"][0]) :]
             return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
@@ -158,13 +182,22 @@ def run_openflamingo(of_evaluate, eval_model, data: Path, shots: int, args) -> t
 
     of_evaluate.compute_cider = cider_only
     namespace = argparse.Namespace(
-        model="open_flamingo", coco_train_image_dir_path=str(data / "images"), coco_val_image_dir_path=str(data / "images"),
+        model="open_flamingo",
+        coco_train_image_dir_path=str(data / "images"),
+        coco_val_image_dir_path=str(data / "images"),
         coco_karpathy_json_path=str(data / "dataset_toy_captions.json"),
-        coco_annotations_json_path=str(data / "captions_coco_format.json"), num_samples=args.items,
-        batch_size=args.batch_size, rices=False, query_set_size=64, rank=0, world_size=1,
+        coco_annotations_json_path=str(data / "captions_coco_format.json"),
+        num_samples=args.items,
+        batch_size=args.batch_size,
+        rices=False,
+        query_set_size=64,
+        rank=0,
+        world_size=1,
     )
     start = time.perf_counter()
-    score = of_evaluate.evaluate_captioning(namespace, eval_model, seed=42, num_beams=args.num_beams, num_shots=shots, dataset_name="coco")
+    score = of_evaluate.evaluate_captioning(
+        namespace, eval_model, seed=42, num_beams=args.num_beams, num_shots=shots, dataset_name="coco"
+    )
     return time.perf_counter() - start, score
 
 
@@ -174,8 +207,17 @@ def run_ours(model, processor, data: Path, shots: int, args) -> tuple[float, flo
     task = load_task(data / "toy_captions.json")
     task.max_new_tokens = 20  # OpenFlamingo's captioning length
     start = time.perf_counter()
-    results = evaluate(model, processor, task, shots=[shots], trials=1, batch_size=args.batch_size,
-                       num_beams=args.num_beams, limit=args.items, progress=False)
+    results = evaluate(
+        model,
+        processor,
+        task,
+        shots=[shots],
+        trials=1,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        limit=args.items,
+        progress=False,
+    )
     return time.perf_counter() - start, results.trials[0].score
 
 
@@ -197,11 +239,15 @@ def main(argv=None) -> int:
         of_seconds, of_score = run_openflamingo(of_evaluate, eval_model, data, shots, args)
         our_seconds, our_score = run_ours(model, processor, data, shots, args)
         rows.append((shots, args.items / of_seconds, args.items / our_seconds, of_score * 100, our_score))
-    print(f"captioning, {args.items} items, batch {args.batch_size}, {args.num_beams} beams, threads {torch.get_num_threads()}")
+    print(
+        f"captioning, {args.items} items, batch {args.batch_size}, {args.num_beams} beams, threads {torch.get_num_threads()}"
+    )
     print("| shots | OpenFlamingo 2.0.1 items/s | flamingo-eval items/s | speed-up | CIDEr (OF / ours) |")
     print("|---|---|---|---|---|")
     for shots, of_rate, our_rate, of_score, our_score in rows:
-        print(f"| {shots} | {of_rate:.2f} | {our_rate:.2f} | {our_rate / of_rate:.2f}x | {of_score:.1f} / {our_score:.1f} |")
+        print(
+            f"| {shots} | {of_rate:.2f} | {our_rate:.2f} | {our_rate / of_rate:.2f}x | {of_score:.1f} / {our_score:.1f} |"
+        )
     return 0
 
 

@@ -58,13 +58,34 @@ def test_builtin_layouts(tmp_path):
     """The built-in tasks read the files the datasets publish, under --data-dir."""
     image(tmp_path / "coco" / "val2014" / "COCO_val2014_000000000042.jpg")
     image(tmp_path / "coco" / "train2014" / "COCO_train2014_000000000007.jpg")
-    write(tmp_path / "coco" / "dataset_coco.json", {"images": [
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "split": "test", "cocoid": 42,
-         "sentences": [{"raw": "A cat."}, {"raw": "a cat on a mat "}]},
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000007.jpg", "split": "train", "cocoid": 7,
-         "sentences": [{"raw": "A dog."}]},
-        {"filepath": "val2014", "filename": "unused.jpg", "split": "restval", "cocoid": 8, "sentences": [{"raw": "x"}]},
-    ]})
+    write(
+        tmp_path / "coco" / "dataset_coco.json",
+        {
+            "images": [
+                {
+                    "filepath": "val2014",
+                    "filename": "COCO_val2014_000000000042.jpg",
+                    "split": "test",
+                    "cocoid": 42,
+                    "sentences": [{"raw": "A cat."}, {"raw": "a cat on a mat "}],
+                },
+                {
+                    "filepath": "train2014",
+                    "filename": "COCO_train2014_000000000007.jpg",
+                    "split": "train",
+                    "cocoid": 7,
+                    "sentences": [{"raw": "A dog."}],
+                },
+                {
+                    "filepath": "val2014",
+                    "filename": "unused.jpg",
+                    "split": "restval",
+                    "cocoid": 8,
+                    "sentences": [{"raw": "x"}],
+                },
+            ]
+        },
+    )
     coco = load_task("coco", tmp_path / "coco")
     assert [e.id for e in coco.test] == [42] and coco.test[0].references == ("A cat.", "a cat on a mat")
     assert [e.answer for e in coco.train] == ["A dog."]
@@ -72,10 +93,14 @@ def test_builtin_layouts(tmp_path):
     root = tmp_path / "vqav2"
     for split, image_id in (("train", 7), ("val", 42)):
         image(root / f"{split}2014" / f"COCO_{split}2014_{image_id:012d}.jpg")
-        write(root / f"v2_OpenEnded_mscoco_{split}2014_questions.json",
-              {"questions": [{"image_id": image_id, "question": "What?", "question_id": image_id * 10}]})
-        write(root / f"v2_mscoco_{split}2014_annotations.json",
-              {"annotations": [{"question_id": image_id * 10, "answers": [{"answer": "yes"}] * 10}]})
+        write(
+            root / f"v2_OpenEnded_mscoco_{split}2014_questions.json",
+            {"questions": [{"image_id": image_id, "question": "What?", "question_id": image_id * 10}]},
+        )
+        write(
+            root / f"v2_mscoco_{split}2014_annotations.json",
+            {"annotations": [{"question_id": image_id * 10, "answers": [{"answer": "yes"}] * 10}]},
+        )
     vqa = load_task("vqav2", root)
     assert [e.id for e in vqa.test] == [420] and vqa.test[0].image.name == "COCO_val2014_000000000042.jpg"
 
@@ -99,8 +124,16 @@ def test_builtin_layouts(tmp_path):
         ("vqa_val_questions.json", None, r"vqa_val_questions\.json: no such file; expected VQAv2-format questions"),
         ("vqa_val_questions.json", "{not json", r"vqa_val_questions\.json: not valid JSON .*expected VQAv2-format"),
         ("vqa_val_questions.json", {"qs": []}, r"vqa_val_questions\.json: no \"questions\" list"),
-        ("vqa_val_annotations.json", {"annotations": [{"question_id": 1}]}, r"vqa_val_annotations\.json: annotations\[0\] lacks 'answers'"),
-        ("dataset_toy_captions.json", {"images": [{"filename": "x.png"}]}, r"dataset_toy_captions\.json: images\[0\] lacks 'split'.*Karpathy"),
+        (
+            "vqa_val_annotations.json",
+            {"annotations": [{"question_id": 1}]},
+            r"vqa_val_annotations\.json: annotations\[0\] lacks 'answers'",
+        ),
+        (
+            "dataset_toy_captions.json",
+            {"images": [{"filename": "x.png"}]},
+            r"dataset_toy_captions\.json: images\[0\] lacks 'split'.*Karpathy",
+        ),
     ],
 )
 def test_missing_or_malformed_files_are_named(toy, tmp_path, filename, content, expected):
@@ -186,7 +219,9 @@ def test_rices_returns_the_true_nearest_neighbours_most_similar_last_and_reuses_
 
     vectors = torch.nn.functional.normalize(torch.tensor(colours, dtype=torch.float32), dim=1)
     for (_, query), row in zip(queries, chosen):
-        q = torch.nn.functional.normalize(torch.tensor(Image.open(query.image).getpixel((0, 0)), dtype=torch.float32), dim=0)
+        q = torch.nn.functional.normalize(
+            torch.tensor(Image.open(query.image).getpixel((0, 0)), dtype=torch.float32), dim=0
+        )
         similarity = vectors @ q
         if query in pool:
             similarity[pool.index(query)] = -2  # never the query itself

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig
-
 from tiny_models import ROOT, TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
+from transformers import AutoConfig
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'flamingo-otter-hf[eval]')")
 
-TASK_UTILS = '''
+TASK_UTILS = """
 from PIL import Image
 
 def doc_to_visual(doc):
@@ -28,7 +27,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def process_results(doc, results):
     return {"exact_match": float(results[0].strip() == doc["answer"])}
-'''
+"""
 GENERATE_TASK = """task: toy_lmms_generate
 dataset_path: json
 dataset_kwargs:
@@ -74,9 +73,13 @@ def task_dir(tmp_path_factory) -> Path:
         first, second = folder / f"{i}a.png", folder / f"{i}b.png"
         Image.new("RGB", (32, 32), colour).save(first)
         Image.new("RGB", (32, 32), "white").save(second)
-        docs.append({"images": [str(first), str(second)], "question": "What colour is the first shape?", "answer": colour})
+        docs.append(
+            {"images": [str(first), str(second)], "question": "What colour is the first shape?", "answer": colour}
+        )
     (folder / "docs.jsonl").write_text("\n".join(json.dumps(doc) for doc in docs) + "\n")
-    (folder / "utils.py").write_text(TASK_UTILS + '\ndef target_index(doc):\n    return ["red", "blue"].index(doc["answer"])\n')
+    (folder / "utils.py").write_text(
+        TASK_UTILS + '\ndef target_index(doc):\n    return ["red", "blue"].index(doc["answer"])\n'
+    )
     (folder / "toy_lmms_generate.yaml").write_text(GENERATE_TASK.format(data=folder / "docs.jsonl"))
     (folder / "toy_lmms_choice.yaml").write_text(CHOICE_TASK.format(data=folder / "docs.jsonl"))
     return folder
@@ -91,7 +94,9 @@ def entry_point_dir(tmp_path_factory) -> Path:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flamingo-otter-hf-lmms-test\nVersion: 0\n")
     pyproject = (ROOT / "pyproject.toml").read_text()
-    name, value = pyproject.split('[project.entry-points."lmms_eval.models"]', 1)[1].strip().splitlines()[0].split(" = ")
+    name, value = (
+        pyproject.split('[project.entry-points."lmms_eval.models"]', 1)[1].strip().splitlines()[0].split(" = ")
+    )
     (info / "entry_points.txt").write_text(f"[lmms_eval.models]\n{name} = {value.strip(chr(34))}\n")
     return folder
 
@@ -101,7 +106,8 @@ def saved_model(folder: Path, model_type: str) -> Path:
     from otter import OtterModel, OtterProcessor
 
     model_class, processor_class, config_dir = {
-        "otter": (OtterModel, OtterProcessor, TINY_OTTER_DIR), "flamingo": (FlamingoModel, FlamingoProcessor, TINY_FLAMINGO_DIR),
+        "otter": (OtterModel, OtterProcessor, TINY_OTTER_DIR),
+        "flamingo": (FlamingoModel, FlamingoProcessor, TINY_FLAMINGO_DIR),
     }[model_type]
     torch.manual_seed(0)
     randomize_gates(model_class(AutoConfig.from_pretrained(config_dir)).eval()).save_pretrained(folder)
@@ -114,11 +120,34 @@ def test_lmms_eval_runs_otter_on_a_local_task(task_dir, entry_point_dir, tmp_pat
     """The command line, end to end (`--model flamingo` runs the same class on a FlamingoModel)."""
     model_type = "otter"
     model = saved_model(tmp_path / "model", model_type)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(entry_point_dir)]), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lmms_eval", "eval", "--model", model_type, "--model_args", f"pretrained={model}",
-               "--tasks", "toy_lmms_generate,toy_lmms_choice", "--include_path", str(task_dir), "--batch_size", "2",
-               "--output_path", str(tmp_path / "out"), "--log_samples", "--verbosity", "WARNING"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(entry_point_dir)]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "eval",
+        "--model",
+        model_type,
+        "--model_args",
+        f"pretrained={model}",
+        "--tasks",
+        "toy_lmms_generate,toy_lmms_choice",
+        "--include_path",
+        str(task_dir),
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+        "--verbosity",
+        "WARNING",
+    ]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     # lmms-eval exits 0 after logging an evaluation error: the results file is the evidence
     assert run.returncode == 0 and "Error during evaluation" not in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
@@ -127,7 +156,11 @@ def test_lmms_eval_runs_otter_on_a_local_task(task_dir, entry_point_dir, tmp_pat
     scores = results[0]["results"]
     assert 0.0 <= scores["toy_lmms_generate"]["exact_match,none"] <= 1.0
     assert 0.0 <= scores["toy_lmms_choice"]["acc,none"] <= 1.0
-    samples = [json.loads(line) for p in (tmp_path / "out").rglob("*toy_lmms_choice*.jsonl") for line in p.read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for p in (tmp_path / "out").rglob("*toy_lmms_choice*.jsonl")
+        for line in p.read_text().splitlines()
+    ]
     assert len(samples) == 4  # every document scored, both choices by log-likelihood
 
 
@@ -160,5 +193,7 @@ def test_prompts_and_loglikelihood_agree_with_the_model(tmp_path):
     settings = {"max_new_tokens": 3, "until": ["x"]}
     flamingo = FlamingoLmms(pretrained=str(saved_model(tmp_path / "flamingo", "flamingo")))
     assert flamingo.prompt("What is it?", 1) == "<image>Question:What is it? Short answer:"
-    generated = lm.generate_until([Instance("generate_until", ("What is it?", settings, lambda doc: images, 0, "t", "test"), 0, meta)])
+    generated = lm.generate_until(
+        [Instance("generate_until", ("What is it?", settings, lambda doc: images, 0, "t", "test"), 0, meta)]
+    )
     assert len(generated) == 1 and isinstance(generated[0], str)

@@ -16,12 +16,27 @@ CAPTIONS = {
     3: "a plate of food with broccoli",
 }
 REFERENCES = {
-    1: ["A man riding a wave on a surfboard.", "a surfer rides a large wave", "Man surfing on a wave.",
-        "a person on a surfboard in the ocean", "A surfer in the water riding a wave."],
-    2: ["Two dogs play in the snow.", "dogs running through snow", "A pair of dogs playing outside in snow.",
-        "two brown dogs in the snow", "Dogs playing in a snowy field"],
-    3: ["A plate with broccoli and rice.", "food on a white plate", "a dish of vegetables",
-        "Broccoli and meat on a plate.", "a meal with broccoli on a plate"],
+    1: [
+        "A man riding a wave on a surfboard.",
+        "a surfer rides a large wave",
+        "Man surfing on a wave.",
+        "a person on a surfboard in the ocean",
+        "A surfer in the water riding a wave.",
+    ],
+    2: [
+        "Two dogs play in the snow.",
+        "dogs running through snow",
+        "A pair of dogs playing outside in snow.",
+        "two brown dogs in the snow",
+        "Dogs playing in a snowy field",
+    ],
+    3: [
+        "A plate with broccoli and rice.",
+        "food on a white plate",
+        "a dish of vegetables",
+        "Broccoli and meat on a plate.",
+        "a meal with broccoli on a plate",
+    ],
 }
 
 
@@ -36,8 +51,14 @@ def test_cider_equals_coco_eval_cap(tmp_path, monkeypatch):
     monkeypatch.setattr(cap_eval, "Spice", lambda: _Skip("SPICE"))
     annotations = {
         "images": [{"id": i} for i in REFERENCES],
-        "annotations": [{"image_id": i, "id": 10 * i + j, "caption": c} for i, refs in REFERENCES.items() for j, c in enumerate(refs)],
-        "type": "captions", "info": {}, "licenses": [],
+        "annotations": [
+            {"image_id": i, "id": 10 * i + j, "caption": c}
+            for i, refs in REFERENCES.items()
+            for j, c in enumerate(refs)
+        ],
+        "type": "captions",
+        "info": {},
+        "licenses": [],
     }
     (tmp_path / "refs.json").write_text(json.dumps(annotations))
     (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in CAPTIONS.items()]))

@@ -7,10 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import ROOT, TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 from transformers import AutoConfig
 
 from flamingo import FlamingoModel, FlamingoProcessor
@@ -19,7 +19,6 @@ from flamingo.eval.cli import main as eval_main
 from flamingo.eval.runner import _Runner, build_prompt
 from otter import OtterModel, OtterProcessor
 from otter.data.toy_eval import make_toy_eval_data
-from tiny_models import ROOT, TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr's PTB tokenizer runs Java")
 
@@ -58,15 +57,28 @@ def runner(model, processor, task, num_beams=1, batch_size=4):
 def test_images_encoded_once_generate_what_plain_generation_does(flamingo, toy, num_beams):
     model, processor = flamingo
     task = load_task(toy["vqa"])
-    prompts = [build_prompt(processor, task, i, item, task.train[i : i + 2], with_images=True) for i, item in enumerate(task.test[:3])]
+    prompts = [
+        build_prompt(processor, task, i, item, task.train[i : i + 2], with_images=True)
+        for i, item in enumerate(task.test[:3])
+    ]
     ours = runner(model, processor, task, num_beams)._generate(prompts)
 
-    images = [[__import__("flamingo.eval.demos", fromlist=["x"]).open_image(p) for p in prompt.images] for prompt in prompts]
+    images = [
+        [__import__("flamingo.eval.demos", fromlist=["x"]).open_image(p) for p in prompt.images] for prompt in prompts
+    ]
     inputs = processor(text=[p.text for p in prompts], images=images)
-    generated = model.generate(**inputs, max_new_tokens=4, num_beams=num_beams, do_sample=False, length_penalty=0.0 if num_beams > 1 else 1.0,
-                               pad_token_id=processor.pad_token_id)
-    plain = [a.split("Question")[0].split("Answer")[0].split("Short")[0].split(", ")[0].strip()
-             for a in processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])]
+    generated = model.generate(
+        **inputs,
+        max_new_tokens=4,
+        num_beams=num_beams,
+        do_sample=False,
+        length_penalty=0.0 if num_beams > 1 else 1.0,
+        pad_token_id=processor.pad_token_id,
+    )
+    plain = [
+        a.split("Question")[0].split("Answer")[0].split("Short")[0].split(", ")[0].strip()
+        for a in processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])
+    ]
     assert ours == plain
     assert all(p.text.count("<image>") == 3 for p in prompts)
 
@@ -75,8 +87,12 @@ def make_classification_task(toy, tmp_path):
     """Hateful-Memes-format data over the toy pictures: label 1 for the colour questions' pictures."""
     vqa = load_task(toy["vqa"])
     for split, items in (("train", vqa.train), ("dev", vqa.test)):
-        lines = [json.dumps({"id": f"{split}{i}", "img": str(item.image), "label": int(i % 2 == 0), "text": item.fields["question"]})
-                 for i, item in enumerate(items)]
+        lines = [
+            json.dumps(
+                {"id": f"{split}{i}", "img": str(item.image), "label": int(i % 2 == 0), "text": item.fields["question"]}
+            )
+            for i, item in enumerate(items)
+        ]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return load_task("hateful_memes", tmp_path)
 
@@ -98,7 +114,9 @@ def test_cached_prefix_ranking_equals_full_sequence_scoring(flamingo, toy, tmp_p
         ids = torch.tensor([prefix + continuation])
         vision_x = processor(text=prompt.text, images=[open_image(p) for p in prompt.images])["vision_x"]
         logprobs = model(input_ids=ids, vision_x=vision_x).logits[0].log_softmax(-1)
-        expected.append(sum(logprobs[len(prefix) - 1 + j, t].item() for j, t in enumerate(continuation)) / len(continuation))
+        expected.append(
+            sum(logprobs[len(prefix) - 1 + j, t].item() for j, t in enumerate(continuation)) / len(continuation)
+        )
     assert scores == pytest.approx(expected, abs=1e-4)
     assert best == task.class_names[max(range(3), key=expected.__getitem__)]
 
@@ -129,16 +147,38 @@ def test_an_unreadable_image_is_skipped_and_counted(flamingo, toy, tmp_path):
 @needs_java
 def test_command_writes_results_predictions_and_table(model_dir, toy, tmp_path, capsys):
     out = tmp_path / "out"
-    status = eval_main(["--model", str(model_dir), "--task", str(toy["vqa"]), str(toy["captions"]), "--shots", "0", "2",
-                        "--trials", "2", "--batch-size", "4", "--num-beams", "2", "--limit", "4", "--output-dir", str(out),
-                        "--no-progress"])
+    status = eval_main(
+        [
+            "--model",
+            str(model_dir),
+            "--task",
+            str(toy["vqa"]),
+            str(toy["captions"]),
+            "--shots",
+            "0",
+            "2",
+            "--trials",
+            "2",
+            "--batch-size",
+            "4",
+            "--num-beams",
+            "2",
+            "--limit",
+            "4",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     table = capsys.readouterr().out
     assert "| Task | 0-shot | 2-shot |" in table and "| toy_vqa (VQA accuracy) |" in table and " ± " in table
     results = json.loads((out / "toy_vqa" / "results.json").read_text())
     assert set(results) == {"task", "model", "metric", "shots", "config"}
     assert set(results["shots"]) == {"0", "2"} and len(results["shots"]["2"]["trials"]) == 2
-    lines = [json.loads(line) for line in (out / "toy_captions" / "predictions-2shot-trial1.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (out / "toy_captions" / "predictions-2shot-trial1.jsonl").read_text().splitlines()
+    ]
     assert len(lines) == 4 and {"image_id", "prediction", "demos"} <= set(lines[0]) and len(lines[0]["demos"]) == 2
     vqa_lines = (out / "toy_vqa" / "predictions-0shot-trial0.jsonl").read_text().splitlines()
     assert "question_id" in json.loads(vqa_lines[0])
@@ -155,7 +195,9 @@ def test_otter_uses_its_chat_chunks(toy):
     task = load_task(toy["vqa"])
     prompt = build_prompt(processor, task, 0, task.test[0], task.train[:2], with_images=True)
     demo = task.train[0]
-    assert prompt.text.startswith(f"<image>User: {demo.fields['question']} GPT:<answer> {demo.answer}<|endofchunk|><image>User:")
+    assert prompt.text.startswith(
+        f"<image>User: {demo.fields['question']} GPT:<answer> {demo.answer}<|endofchunk|><image>User:"
+    )
     assert prompt.text.endswith(f"User: {task.test[0].fields['question']} GPT:<answer>")
     results = evaluate(model, processor, task, shots=[2], trials=1, num_beams=1, limit=4, progress=False)
     assert len(results.trials[0].predictions) == 4
@@ -163,7 +205,10 @@ def test_otter_uses_its_chat_chunks(toy):
 
 def test_flamingo_prompts_are_openflamingos():
     processor = FlamingoProcessor.from_pretrained(TINY_FLAMINGO_DIR)
-    assert processor.eval_prompt("vqa", question="Why?", answer="no") == "<image>Question:Why? Short answer:no<|endofchunk|>\n"
+    assert (
+        processor.eval_prompt("vqa", question="Why?", answer="no")
+        == "<image>Question:Why? Short answer:no<|endofchunk|>\n"
+    )
     assert processor.eval_prompt("vqa", question="Why?") == "<image>Question:Why? Short answer:"
     assert processor.eval_prompt("captioning", answer="A cat.") == "<image>Output:A cat.<|endofchunk|>\n"
     assert processor.eval_prompt("imagenet", answer="tench") == "<image>Output:tench<|endofchunk|>"
@@ -182,14 +227,50 @@ def test_zero_shot_uses_two_text_only_demonstrations(flamingo, toy):
 def test_two_gloo_processes_give_what_one_gives(model_dir, toy, tmp_path):
     """torchrun with 2 CPU processes (gloo): the same predictions and scores as a single process. 8 items in batches
     of 3: the shards (4 + 4) batch differently from the single process (3 + 3 + 2)."""
-    common = ["-m", "flamingo.eval", "--model", str(model_dir), "--task", str(toy["vqa"]), "--shots", "0", "2",
-              "--trials", "2", "--batch-size", "3", "--num-beams", "2", "--no-progress"]
+    common = [
+        "-m",
+        "flamingo.eval",
+        "--model",
+        str(model_dir),
+        "--task",
+        str(toy["vqa"]),
+        "--shots",
+        "0",
+        "2",
+        "--trials",
+        "2",
+        "--batch-size",
+        "3",
+        "--num-beams",
+        "2",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    single = subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, *common, "--output-dir", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
-                              "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    sharded = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *common,
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
     assert one["shots"] == two["shots"]

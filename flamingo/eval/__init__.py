@@ -10,4 +10,14 @@ See `flamingo.eval.runner` for the protocol, `flamingo.eval.tasks` for the data 
 from .runner import Results, TrialResult, evaluate, markdown_table
 from .tasks import BUILTIN_TASKS, Example, Task, TaskDataError, load_task
 
-__all__ = ["BUILTIN_TASKS", "Example", "Results", "Task", "TaskDataError", "TrialResult", "evaluate", "load_task", "markdown_table"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "Example",
+    "Results",
+    "Task",
+    "TaskDataError",
+    "TrialResult",
+    "evaluate",
+    "load_task",
+    "markdown_table",
+]

@@ -38,21 +38,28 @@ from flamingo.cli import add_debug_flag, run_command
 
 logger = logging.getLogger(__name__)
 
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="flamingo-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="a model folder (save_pretrained) or hub id")
     parser.add_argument("--tokenizer", help="the base LM's tokenizer, for checkpoints that ship none")
-    parser.add_argument("--task", nargs="+", required=True,
-                        help="built-in task names (coco flickr30k vqav2 okvqa textvqa vizwiz imagenet hateful_memes) "
-                             "or task files (JSON)")
+    parser.add_argument(
+        "--task",
+        nargs="+",
+        required=True,
+        help="built-in task names (coco flickr30k vqav2 okvqa textvqa vizwiz imagenet hateful_memes) "
+        "or task files (JSON)",
+    )
     parser.add_argument("--data-dir", type=Path, help="the built-in tasks' data folder (task files: overrides theirs)")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8])
     parser.add_argument("--trials", type=int, default=3, help="trials per shot count; trial k seeds with --seed + k")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--demos", choices=("random", "rices"), default="random")
-    parser.add_argument("--rices-encoder", help="open_clip NAME[:PRETRAINED] for RICES (default: the model's vision tower)")
+    parser.add_argument(
+        "--rices-encoder", help="open_clip NAME[:PRETRAINED] for RICES (default: the model's vision tower)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's (20 captioning, 5 VQA, 10 TextVQA)")
@@ -105,9 +112,20 @@ def _main(argv: Sequence[str] | None = None) -> int:
     all_results = []
     for task in tasks:
         results = evaluate(
-            model, processor, task, shots=args.shots, trials=args.trials, seed=args.seed, demos=args.demos,
-            batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-            rices_encoder=args.rices_encoder, limit=args.limit, state=state, progress=not args.no_progress,
+            model,
+            processor,
+            task,
+            shots=args.shots,
+            trials=args.trials,
+            seed=args.seed,
+            demos=args.demos,
+            batch_size=args.batch_size,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            rices_encoder=args.rices_encoder,
+            limit=args.limit,
+            state=state,
+            progress=not args.no_progress,
             model_name=args.model,
         )
         if state.is_main_process:

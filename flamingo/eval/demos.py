@@ -164,8 +164,13 @@ class RicesDemos:
             if cached["key"] == self.encoder.key and cached["features"].shape[0] == len(self.pool):
                 logger.info("RICES: pool embeddings from %s", self.cache_path)
                 return cached["features"]
-        features = embed_images([example.image for example in self.pool], self.encoder, self.batch_size,
-                                progress, "RICES: embedding the demonstration pool")
+        features = embed_images(
+            [example.image for example in self.pool],
+            self.encoder,
+            self.batch_size,
+            progress,
+            "RICES: embedding the demonstration pool",
+        )
         if self.cache_path is not None:
             try:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +198,11 @@ class RicesDemos:
 
 
 def embed_images(
-    paths: Sequence[Path], encoder: ImageEncoder, batch_size: int, progress: bool, description: str,
+    paths: Sequence[Path],
+    encoder: ImageEncoder,
+    batch_size: int,
+    progress: bool,
+    description: str,
     opener: Callable[[Path], Image.Image] = open_image,
 ) -> torch.Tensor:
     """(N, D) L2-normalised embeddings; an unreadable image gets a zero row (never retrieved) and is logged."""

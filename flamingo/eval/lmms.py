@@ -127,7 +127,11 @@ class FlamingoLmms(lmms):
         prompts = [self.prompt(request.args[0], len(row)) for request, row in zip(requests, images, strict=True)]
         inputs = self._inputs(prompts, images)
         do_sample = bool(settings.get("do_sample", False)) and float(settings.get("temperature", 0) or 0) > 0
-        kwargs = {"temperature": float(settings["temperature"]), "top_p": float(settings.get("top_p") or 1.0)} if do_sample else {}
+        kwargs = (
+            {"temperature": float(settings["temperature"]), "top_p": float(settings.get("top_p") or 1.0)}
+            if do_sample
+            else {}
+        )
         generated = self.model.generate(
             **inputs,
             max_new_tokens=int(settings.get("max_new_tokens", self.max_new_tokens)),

@@ -85,7 +85,29 @@ youre=you're youve=you've
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _NUMBER_WORDS["none"] = "0"
 _ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCTUATION = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
 # The official pattern reads like "a period not after a digit" but `(?!<=\d)` is a lookahead for the text "<=" and a
 # digit: it removes every period that is not followed by a digit. The script also passes `re.UNICODE` where `sub`
 # takes its count, so at most 32 periods go.

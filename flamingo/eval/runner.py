@@ -38,7 +38,15 @@ from flamingo.modeling_flamingo import MediaCache
 from flamingo.processing_flamingo import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
 
 from . import metrics
-from .demos import DemoSelector, OpenClipEncoder, RandomDemos, RicesDemos, UnreadableImageError, VisionTowerEncoder, open_image
+from .demos import (
+    DemoSelector,
+    OpenClipEncoder,
+    RandomDemos,
+    RicesDemos,
+    UnreadableImageError,
+    VisionTowerEncoder,
+    open_image,
+)
 from .tasks import Example, Task
 
 logger = logging.getLogger(__name__)
@@ -201,8 +209,10 @@ def build_prompt(processor, task: Task, index: int, item: Example, demos: list[E
         chunk = processor.eval_prompt(task.prompt_style, answer=demo.answer, template=template, **demo.fields)
         chunks.append(chunk if with_images else chunk.replace(MEDIA_TOKEN, ""))
     if task.separator is not None:
-        chunks = [chunk.removesuffix(processor.eval_demo_separators.get(task.prompt_style, "")) + task.separator
-                  for chunk in chunks]
+        chunks = [
+            chunk.removesuffix(processor.eval_demo_separators.get(task.prompt_style, "")) + task.separator
+            for chunk in chunks
+        ]
     query = processor.eval_prompt(task.prompt_style, template=template, **item.fields)
     images = [demo.image for demo in demos] if with_images else []
     images += [item.image] * query.count(MEDIA_TOKEN)
@@ -253,24 +263,55 @@ def evaluate(
 
     state = state or PartialState()
     task = task.limit(limit)
-    selector = _selector(model, processor, task, demos, rices_encoder, rices_cache_dir, batch_size, progress and state.is_main_process)
-    runner = _Runner(model, processor, task, batch_size, num_beams, max_new_tokens or task.max_new_tokens, length_penalty, state, progress)
+    selector = _selector(
+        model, processor, task, demos, rices_encoder, rices_cache_dir, batch_size, progress and state.is_main_process
+    )
+    runner = _Runner(
+        model,
+        processor,
+        task,
+        batch_size,
+        num_beams,
+        max_new_tokens or task.max_new_tokens,
+        length_penalty,
+        state,
+        progress,
+    )
     results = []
     for count in shots:
         for trial in range(trials):
             trial_seed = seed + trial
             demo_count = count if count > 0 else zero_shot_text_demos
-            predictions = runner.run(selector, demo_count, with_images=count > 0, seed=trial_seed,
-                                     description=f"{task.name} {count}-shot trial {trial} (seed {trial_seed})")
+            predictions = runner.run(
+                selector,
+                demo_count,
+                with_images=count > 0,
+                seed=trial_seed,
+                description=f"{task.name} {count}-shot trial {trial} (seed {trial_seed})",
+            )
             score, skipped = _score_once(task, predictions, state)
             results.append(TrialResult(count, trial, trial_seed, score, predictions, skipped))
-            logger.info("%s %d-shot trial %d (seed %d): %s %.2f", task.name, count, trial, trial_seed, task.metric, score)
+            logger.info(
+                "%s %d-shot trial %d (seed %d): %s %.2f", task.name, count, trial, trial_seed, task.metric, score
+            )
     config = {
-        "shots": list(shots), "trials": trials, "seed": seed, "demos": demos if isinstance(demos, str) else type(demos).__name__,
-        "batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens or task.max_new_tokens,
-        "length_penalty": length_penalty, "zero_shot_text_demos": zero_shot_text_demos, "rices_encoder": rices_encoder,
-        "limit": limit, "num_test_items": len(task.test), "num_demo_pool": len(task.train), "processes": state.num_processes,
-        "left_out_at_load": dict(task.skipped), "data": task.source, "prompt_style": task.prompt_style,
+        "shots": list(shots),
+        "trials": trials,
+        "seed": seed,
+        "demos": demos if isinstance(demos, str) else type(demos).__name__,
+        "batch_size": batch_size,
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens or task.max_new_tokens,
+        "length_penalty": length_penalty,
+        "zero_shot_text_demos": zero_shot_text_demos,
+        "rices_encoder": rices_encoder,
+        "limit": limit,
+        "num_test_items": len(task.test),
+        "num_demo_pool": len(task.train),
+        "processes": state.num_processes,
+        "left_out_at_load": dict(task.skipped),
+        "data": task.source,
+        "prompt_style": task.prompt_style,
         "prompt_template": task.prompt,
     }
     name = model_name or getattr(model, "name_or_path", "") or type(model).__name__
@@ -283,7 +324,9 @@ def _selector(model, processor, task, demos, rices_encoder, cache_dir, batch_siz
     if demos == "random":
         return RandomDemos(task.train)
     if demos == "rices":
-        encoder = OpenClipEncoder(rices_encoder, model.device) if rices_encoder else VisionTowerEncoder(model, processor)
+        encoder = (
+            OpenClipEncoder(rices_encoder, model.device) if rices_encoder else VisionTowerEncoder(model, processor)
+        )
         if cache_dir is None and task.source.get("data_dir"):
             cache_dir = Path(task.source["data_dir"]) / "rices_cache"
         return RicesDemos(task.train, encoder, cache_dir, batch_size=batch_size, progress=progress)
@@ -293,22 +336,33 @@ def _selector(model, processor, task, demos, rices_encoder, cache_dir, batch_siz
 class _Runner:
     def __init__(self, model, processor, task, batch_size, num_beams, max_new_tokens, length_penalty, state, progress):
         self.model, self.processor, self.task, self.state = model, processor, task, state
-        self.batch_size, self.num_beams, self.max_new_tokens, self.length_penalty = batch_size, num_beams, max_new_tokens, length_penalty
+        self.batch_size, self.num_beams, self.max_new_tokens, self.length_penalty = (
+            batch_size,
+            num_beams,
+            max_new_tokens,
+            length_penalty,
+        )
         self.progress = progress and state.is_main_process
         self.latents = LatentCache(model, processor, batch_size=max(batch_size, 16))
 
-    def run(self, selector: DemoSelector, demo_count: int, with_images: bool, seed: int, description: str) -> list[dict]:
+    def run(
+        self, selector: DemoSelector, demo_count: int, with_images: bool, seed: int, description: str
+    ) -> list[dict]:
         """Predictions for every test item, gathered from all processes, in test order."""
         from accelerate.utils import gather_object
 
         indices = list(range(len(self.task.test)))
         with self.state.split_between_processes(indices) as mine:
             local = []
-            for start in tqdm(range(0, len(mine), self.batch_size), desc=description, disable=not self.progress, unit="batch"):
+            for start in tqdm(
+                range(0, len(mine), self.batch_size), desc=description, disable=not self.progress, unit="batch"
+            ):
                 batch = [(i, self.task.test[i]) for i in mine[start : start + self.batch_size]]
                 chosen = selector.select(batch, demo_count, seed)
                 prompts = [
-                    build_prompt(self.processor, self.task, i, item, [self.task.train[d] for d in demo_ids], with_images)
+                    build_prompt(
+                        self.processor, self.task, i, item, [self.task.train[d] for d in demo_ids], with_images
+                    )
                     for (i, item), demo_ids in zip(batch, chosen, strict=True)
                 ]
                 local += self._predict(prompts)
@@ -332,7 +386,9 @@ class _Runner:
                 records += [self._record(p, answer) for p, answer in zip(usable, self._generate(usable), strict=True)]
         return records
 
-    def _record(self, prompt: Prompt, prediction, scores: list[float] | None = None, skipped: str | None = None) -> dict:
+    def _record(
+        self, prompt: Prompt, prediction, scores: list[float] | None = None, skipped: str | None = None
+    ) -> dict:
         record = {
             "index": prompt.index,
             ID_KEYS[self.task.kind]: prompt.item.id,
@@ -349,7 +405,9 @@ class _Runner:
     @torch.no_grad()
     def _generate(self, prompts: list[Prompt]) -> list[str]:
         # The tokenizer alone: the images are already encoded (the processor would want their pixels).
-        inputs = self.processor.tokenizer([p.text for p in prompts], padding=True, return_tensors="pt").to(self.model.device)
+        inputs = self.processor.tokenizer([p.text for p in prompts], padding=True, return_tensors="pt").to(
+            self.model.device
+        )
         kwargs = {}
         if any(p.images for p in prompts):
             kwargs["media_cache"] = media_cache([self.latents.get(p.images) for p in prompts], repeat=self.num_beams)
@@ -412,8 +470,17 @@ class _Runner:
             rows_cache.batch_repeat_interleave(len(chunk))
             attended = self.model.attended_images(torch.cat([prefix.expand(len(chunk), -1), ids], dim=1))[:, -length:]
             rows_media = MediaCache(media.latents.expand(len(chunk), *media.latents.shape[1:])) if media else None
-            logits = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], cache=rows_cache,
-                                media_cache=rows_media, attended_image=attended[:, :-1]).logits.float().log_softmax(-1)
+            logits = (
+                self.model(
+                    input_ids=ids[:, :-1],
+                    attention_mask=mask[:, :-1],
+                    cache=rows_cache,
+                    media_cache=rows_media,
+                    attended_image=attended[:, :-1],
+                )
+                .logits.float()
+                .log_softmax(-1)
+            )
         scores = []
         for row, continuation in enumerate(chunk):
             total = first_logprobs[continuation[0]].item()
@@ -463,12 +530,18 @@ def score_predictions(task: Task, predictions: list[dict]) -> tuple[float, Count
     if not scored:
         raise RuntimeError(f"every test item of {task.name} was skipped ({dict(skipped)}); nothing to score")
     if task.kind == "captioning":
-        score = metrics.cider({item.id: r["prediction"] for r, item in scored}, {item.id: item.references for _, item in scored})
+        score = metrics.cider(
+            {item.id: r["prediction"] for r, item in scored}, {item.id: item.references for _, item in scored}
+        )
     elif task.kind == "vqa":
-        score = metrics.vqa_accuracy({item.id: r["prediction"] for r, item in scored}, {item.id: item.references for _, item in scored})
+        score = metrics.vqa_accuracy(
+            {item.id: r["prediction"] for r, item in scored}, {item.id: item.references for _, item in scored}
+        )
     elif task.metric == "ROC AUC":
         positive = task.class_names.index("yes")
-        score = metrics.roc_auc([item.label for _, item in scored], [_softmax(r["class_scores"])[positive] for r, _ in scored])
+        score = metrics.roc_auc(
+            [item.label for _, item in scored], [_softmax(r["class_scores"])[positive] for r, _ in scored]
+        )
     else:
         score = metrics.top1_accuracy([r["prediction"] for r, _ in scored], [item.answer for _, item in scored])
     return score, skipped

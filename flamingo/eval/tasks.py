@@ -129,7 +129,9 @@ _FORMAT_DEFAULTS = {
 
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     "coco": TaskSpec("coco", "karpathy", {"annotations": "dataset_coco.json"}),
-    "flickr30k": TaskSpec("flickr30k", "karpathy", {"annotations": "dataset_flickr30k.json", "image_dir": "flickr30k-images"}),
+    "flickr30k": TaskSpec(
+        "flickr30k", "karpathy", {"annotations": "dataset_flickr30k.json", "image_dir": "flickr30k-images"}
+    ),
     "vqav2": TaskSpec(
         "vqav2",
         "vqa",
@@ -183,7 +185,9 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
             "image_pattern": "{image_id}",
         },
     ),
-    "imagenet": TaskSpec("imagenet", "image_folder", {"train_dir": "train", "test_dir": "val", "class_names": "classnames.txt"}),
+    "imagenet": TaskSpec(
+        "imagenet", "image_folder", {"train_dir": "train", "test_dir": "val", "class_names": "classnames.txt"}
+    ),
     "hateful_memes": TaskSpec("hateful_memes", "hateful_memes", {"train": "train.jsonl", "test": "dev.jsonl"}),
 }
 # The COCO Karpathy split's test images live in val2014; VQAv2 names its images after the split.
@@ -215,9 +219,9 @@ def load_task(task: str | os.PathLike, data_dir: str | os.PathLike | None = None
 
 def read_task_file(path: Path) -> TaskSpec:
     """A `TaskSpec` from a JSON task file; unknown keys and missing files are errors naming the file."""
-    data = _read_json(path, "a JSON task file: {\"name\", \"format\", <the format's files>, \"prompt\"?, ...}")
+    data = _read_json(path, 'a JSON task file: {"name", "format", <the format\'s files>, "prompt"?, ...}')
     if not isinstance(data, dict) or "format" not in data:
-        raise TaskDataError(f"{path}: a task file is a JSON object with a \"format\" ({', '.join(FORMAT_FILES)})")
+        raise TaskDataError(f'{path}: a task file is a JSON object with a "format" ({", ".join(FORMAT_FILES)})')
     fmt = data["format"]
     if fmt not in FORMAT_FILES:
         raise TaskDataError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMAT_FILES)}")
@@ -244,8 +248,14 @@ def read_task(spec: TaskSpec, base: Path) -> Task:
     elif spec.format == "vqa":
         pattern = spec.files.get("image_pattern", FORMAT_FILES["vqa"]["image_pattern"])
         train, test = (
-            read_vqa(files[f"{split}_questions"], files[f"{split}_annotations"], files[f"{split}_image_dir"],
-                     pattern, _VQA_SPLIT_NAMES[split], skipped)
+            read_vqa(
+                files[f"{split}_questions"],
+                files[f"{split}_annotations"],
+                files[f"{split}_image_dir"],
+                pattern,
+                _VQA_SPLIT_NAMES[split],
+                skipped,
+            )
             for split in ("train", "test")
         )
     elif spec.format == "image_folder":
@@ -361,27 +371,43 @@ def read_vqa(
     with the question's `image_id` and `split` (e.g. "COCO_{split}2014_{image_id:012d}.jpg")."""
     questions = _read_json(questions_path, VQA_QUESTIONS_FORMAT)
     annotations = _read_json(annotations_path, VQA_ANNOTATIONS_FORMAT)
-    _require(questions_path, VQA_QUESTIONS_FORMAT, isinstance(questions, dict) and isinstance(questions.get("questions"), list), 'no "questions" list')
-    _require(annotations_path, VQA_ANNOTATIONS_FORMAT, isinstance(annotations, dict) and isinstance(annotations.get("annotations"), list), 'no "annotations" list')
+    _require(
+        questions_path,
+        VQA_QUESTIONS_FORMAT,
+        isinstance(questions, dict) and isinstance(questions.get("questions"), list),
+        'no "questions" list',
+    )
+    _require(
+        annotations_path,
+        VQA_ANNOTATIONS_FORMAT,
+        isinstance(annotations, dict) and isinstance(annotations.get("annotations"), list),
+        'no "annotations" list',
+    )
     answers = {}
     for position, annotation in enumerate(annotations["annotations"]):
         try:
             answers[annotation["question_id"]] = tuple(str(a["answer"]) for a in annotation["answers"])
         except (KeyError, TypeError) as error:
-            raise TaskDataError(f"{annotations_path}: annotations[{position}] lacks {error}; expected {VQA_ANNOTATIONS_FORMAT}") from error
+            raise TaskDataError(
+                f"{annotations_path}: annotations[{position}] lacks {error}; expected {VQA_ANNOTATIONS_FORMAT}"
+            ) from error
     examples = []
     for position, question in enumerate(questions["questions"]):
         try:
             question_id, image_id, text = question["question_id"], question["image_id"], question["question"]
         except (KeyError, TypeError) as error:
-            raise TaskDataError(f"{questions_path}: questions[{position}] lacks {error}; expected {VQA_QUESTIONS_FORMAT}") from error
+            raise TaskDataError(
+                f"{questions_path}: questions[{position}] lacks {error}; expected {VQA_QUESTIONS_FORMAT}"
+            ) from error
         if not answers.get(question_id):
             raise TaskDataError(f"{annotations_path}: no answers for question_id {question_id} of {questions_path}")
         try:
             filename = pattern.format(image_id=image_id, split=split)
         except (KeyError, ValueError, IndexError) as error:
             raise TaskDataError(f"image_pattern {pattern!r} cannot format image_id {image_id!r}: {error}") from error
-        example = Example(question_id, image_dir / filename, answers[question_id][0], answers[question_id], {"question": text})
+        example = Example(
+            question_id, image_dir / filename, answers[question_id][0], answers[question_id], {"question": text}
+        )
         if _keep_if_present(example, skipped):
             examples.append(example)
     return examples
@@ -438,9 +464,13 @@ def read_hateful_memes(path: Path, image_dir: Path, skipped: Counter[str]) -> li
         try:
             row = json.loads(line)
             label = int(row["label"])
-            example = Example(row["id"], image_dir / row["img"], ["no", "yes"][label], fields={"ocr": str(row["text"])}, label=label)
+            example = Example(
+                row["id"], image_dir / row["img"], ["no", "yes"][label], fields={"ocr": str(row["text"])}, label=label
+            )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as error:
-            raise TaskDataError(f"{path}: line {number} is not a meme ({error!r}); expected {HATEFUL_MEMES_FORMAT}") from error
+            raise TaskDataError(
+                f"{path}: line {number} is not a meme ({error!r}); expected {HATEFUL_MEMES_FORMAT}"
+            ) from error
         if _keep_if_present(example, skipped):
             examples.append(example)
     return examples

@@ -28,8 +28,13 @@ from .toy import ANSWERS, QUESTIONS, _draw_split, png_bytes
 
 logger = logging.getLogger(__name__)
 
-CAPTION_FORMS = ("a {colour} {shape}", "the {colour} {shape}", "{colour} {shape}", "one {colour} {shape}",
-                 "a {shape} that is {colour}")
+CAPTION_FORMS = (
+    "a {colour} {shape}",
+    "the {colour} {shape}",
+    "{colour} {shape}",
+    "one {colour} {shape}",
+    "a {shape} that is {colour}",
+)
 NUM_ANSWERS = 10
 
 
@@ -47,10 +52,16 @@ def _caption_split(out: Path, split: str, count: int, image_size: int, rng: rand
         filename = f"cap_{image_id:05d}.png"
         (out / "images" / filename).write_bytes(png_bytes(draw_shapes([Shape(shape, colour, center, 0.3)], image_size)))
         captions = [form.format(colour=colour, shape=shape) for form in CAPTION_FORMS]
-        entries.append({
-            "filepath": "images", "filename": filename, "split": split, "cocoid": image_id, "imgid": image_id,
-            "sentences": [{"raw": caption, "tokens": caption.split()} for caption in captions],
-        })
+        entries.append(
+            {
+                "filepath": "images",
+                "filename": filename,
+                "split": split,
+                "cocoid": image_id,
+                "imgid": image_id,
+                "sentences": [{"raw": caption, "tokens": caption.split()} for caption in captions],
+            }
+        )
     return entries
 
 
@@ -67,10 +78,16 @@ def _vqa_split(out: Path, split: str, count: int, image_size: int, rng: random.R
         (out / "images" / f"vqa_{split}_{image_id:05d}.png").write_bytes(png)
         question_id = image_id * 10
         questions.append({"image_id": image_id, "question": QUESTIONS[kind], "question_id": question_id})
-        annotations.append({
-            "image_id": image_id, "question_id": question_id, "question_type": kind, "answer_type": "other",
-            "multiple_choice_answer": answer, "answers": _human_answers(kind, answer, rng),
-        })
+        annotations.append(
+            {
+                "image_id": image_id,
+                "question_id": question_id,
+                "question_type": kind,
+                "answer_type": "other",
+                "multiple_choice_answer": answer,
+                "answers": _human_answers(kind, answer, rng),
+            }
+        )
     _write_json(out / f"vqa_{split}_questions.json", {"data_subtype": f"toy_{split}", "questions": questions})
     _write_json(out / f"vqa_{split}_annotations.json", {"data_subtype": f"toy_{split}", "annotations": annotations})
 
@@ -95,12 +112,24 @@ def make_toy_eval_data(
     _vqa_split(out, "train", num_train, image_size, rng, forbidden)
     _vqa_split(out, "val", num_test, image_size, rng, forbidden)
     tasks = {
-        "captions": {"name": "toy_captions", "format": "karpathy", "annotations": "dataset_toy_captions.json",
-                     "max_new_tokens": 8},
-        "vqa": {"name": "toy_vqa", "format": "vqa", "train_questions": "vqa_train_questions.json",
-                "train_annotations": "vqa_train_annotations.json", "test_questions": "vqa_val_questions.json",
-                "test_annotations": "vqa_val_annotations.json", "train_image_dir": "images", "test_image_dir": "images",
-                "image_pattern": "vqa_{split}_{image_id:05d}.png", "max_new_tokens": 4},
+        "captions": {
+            "name": "toy_captions",
+            "format": "karpathy",
+            "annotations": "dataset_toy_captions.json",
+            "max_new_tokens": 8,
+        },
+        "vqa": {
+            "name": "toy_vqa",
+            "format": "vqa",
+            "train_questions": "vqa_train_questions.json",
+            "train_annotations": "vqa_train_annotations.json",
+            "test_questions": "vqa_val_questions.json",
+            "test_annotations": "vqa_val_annotations.json",
+            "train_image_dir": "images",
+            "test_image_dir": "images",
+            "image_pattern": "vqa_{split}_{image_id:05d}.png",
+            "max_new_tokens": 4,
+        },
     }
     paths = {}
     for key, spec in tasks.items():
