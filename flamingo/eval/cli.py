@@ -7,14 +7,19 @@ examples:
   # Flickr30K (dataset_flickr30k.json, flickr30k-images/), CIDEr, RICES demonstrations from an open_clip model
   flamingo-eval --model MODEL --task flickr30k --data-dir data/flickr30k --demos rices --rices-encoder ViT-L-14:openai
   # VQAv2 (v2_OpenEnded_mscoco_{train,val}2014_questions.json, v2_mscoco_{train,val}2014_annotations.json,
-  # train2014/, val2014/), VQA accuracy; okvqa, textvqa and vizwiz read the same format
+  # train2014/, val2014/), VQA accuracy
   flamingo-eval --model MODEL --task vqav2 --data-dir data/vqav2 --shots 0 4 8 --limit 1000
+  # OK-VQA (OpenEnded_mscoco_{train,val}2014_questions.json, mscoco_{train,val}2014_annotations.json, COCO images)
+  flamingo-eval --model MODEL --task okvqa --data-dir data/okvqa
+  # TextVQA and VizWiz in VQAv2 format ({train,val}_{questions,annotations}_vqa_format.json + their images)
+  flamingo-eval --model MODEL --task textvqa --data-dir data/textvqa
+  flamingo-eval --model MODEL --task vizwiz --data-dir data/vizwiz
   # ImageNet-style folders (train/<class>/..., val/<class>/..., classnames.txt), top-1 by log-likelihood ranking
   flamingo-eval --model MODEL --task imagenet --data-dir data/imagenet --shots 0 4 --batch-size 64
   # Hateful Memes (train.jsonl, dev.jsonl, img/), ROC AUC
   flamingo-eval --model MODEL --task hateful_memes --data-dir data/hateful_memes --shots 0 4
   # a task file (format, files, prompt template): e.g. the toy data of `otter-prepare-data toy-eval data/toy-eval`
-  flamingo-eval --model output/otter-toy --task data/toy-eval/toy_vqa.json data/toy-eval/toy_captions.json \\
+  flamingo-eval --model outputs/otter-tiny/model --task data/toy-eval/toy_vqa.json data/toy-eval/toy_captions.json \\
       --shots 0 2 4
   # sharded over processes (GPUs; on a CPU: torchrun --nproc_per_node 2 -m flamingo.eval ...)
   accelerate launch -m flamingo.eval --model MODEL --task coco --data-dir data/coco
