@@ -279,3 +279,13 @@ def test_two_gloo_processes_give_what_one_gives(model_dir, toy, tmp_path):
     assert len(files) == 4
     for path in files:
         assert path.read_text() == (tmp_path / "two" / path.name).read_text()
+
+
+def test_help_has_an_example_per_builtin_task(capsys):
+    from flamingo.eval import BUILTIN_TASKS
+    from flamingo.eval.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"--task {name} " in text for name in BUILTIN_TASKS)
