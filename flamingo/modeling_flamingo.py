@@ -694,10 +694,12 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
         # Beam search and num_return_sequences copy every input once per sequence: encode the images first, then copy
         # their latents, rather than running the vision tower and perceiver on each copy.
+        # A media_cache passed in (images encoded beforehand, e.g. by flamingo.eval) is copied the same way.
         vision_x = model_kwargs.pop("vision_x", None) if expand_size > 1 else None
+        given = model_kwargs.pop("media_cache", None) if expand_size > 1 else None
         input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-        if vision_x is not None:
-            latents = self.encode_images(vision_x).latents
+        if vision_x is not None or given is not None:
+            latents = self.encode_images(vision_x).latents if vision_x is not None else given.latents
             model_kwargs["media_cache"] = MediaCache(latents.repeat_interleave(expand_size, dim=0))
         return input_ids, model_kwargs
 

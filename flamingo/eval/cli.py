@@ -39,6 +39,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flamingo.arguments import int_at_least
 from flamingo.cli import add_debug_flag, run_command
 
 logger = logging.getLogger(__name__)
@@ -58,31 +59,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "or task files (JSON)",
     )
     parser.add_argument("--data-dir", type=Path, help="the built-in tasks' data folder (task files: overrides theirs)")
-    parser.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8])
-    parser.add_argument("--trials", type=int, default=3, help="trials per shot count; trial k seeds with --seed + k")
+    parser.add_argument("--shots", type=int_at_least(0), nargs="+", default=[0, 4, 8])
+    parser.add_argument("--trials", type=int_at_least(1), default=3, help="trials per shot count; trial k seeds with --seed + k")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--demos", choices=("random", "rices"), default="random")
     parser.add_argument(
         "--rices-encoder", help="open_clip NAME[:PRETRAINED] for RICES (default: the model's vision tower)"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8)
+    parser.add_argument("--num-beams", type=int_at_least(1), default=3)
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's (20 captioning, 5 VQA, 10 TextVQA)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N test items")
+    parser.add_argument("--limit", type=int_at_least(1), help="evaluate only the first N test items")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--device-map", help='e.g. "auto" or "cuda:0" (default: CPU, or each process\'s GPU)')
     parser.add_argument("--output-dir", type=Path, default=Path("eval-results"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_debug_flag(parser)
-    args = parser.parse_args(argv)
-    for flag in ("trials", "batch_size", "num_beams"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if any(count < 0 for count in args.shots):
-        parser.error("--shots must be 0 or more")
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def distributed_state():

@@ -175,16 +175,16 @@ class LatentCache:
             self._latents[path] = latent
 
 
-def media_cache(rows: Sequence[Sequence[torch.Tensor]], repeat: int = 1) -> MediaCache:
+def media_cache(rows: Sequence[Sequence[torch.Tensor]]) -> MediaCache:
     """A `MediaCache` for a batch from each row's image latents; rows with fewer images are zero-padded (no
-    `<image>` token points at the padding). Each row is repeated `repeat` times (beam search)."""
+    `<image>` token points at the padding)."""
     width = max(len(row) for row in rows)
     template = next(latent for row in rows for latent in row)
     latents = template.new_zeros(len(rows), width, *template.shape)
     for i, row in enumerate(rows):
         for j, latent in enumerate(row):
             latents[i, j] = latent
-    return MediaCache(latents.repeat_interleave(repeat, dim=0) if repeat > 1 else latents)
+    return MediaCache(latents)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,7 +410,8 @@ class _Runner:
         )
         kwargs = {}
         if any(p.images for p in prompts):
-            kwargs["media_cache"] = media_cache([self.latents.get(p.images) for p in prompts], repeat=self.num_beams)
+            # one row per prompt: generate copies it per beam
+            kwargs["media_cache"] = media_cache([self.latents.get(p.images) for p in prompts])
         generated = self.model.generate(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
