@@ -289,3 +289,18 @@ def test_help_has_an_example_per_builtin_task(capsys):
         parse_args(["--help"])
     text = capsys.readouterr().out
     assert all(f"--task {name} " in text for name in BUILTIN_TASKS)
+
+
+def test_rices_with_the_models_vision_tower_caches_next_to_the_data(flamingo, toy, tmp_path):
+    model, processor = flamingo
+    data = tmp_path / "data"
+    shutil.copytree(toy["vqa"].parent, data)
+    task = load_task(data / "toy_vqa.json")
+    first = evaluate(model, processor, task, shots=[2], trials=2, demos="rices", num_beams=1, limit=3, progress=False)
+    (cache,) = (data / "rices_cache").glob("rices-*.pt")
+    written = cache.stat().st_mtime_ns
+    again = evaluate(model, processor, task, shots=[2], trials=1, demos="rices", num_beams=1, limit=3, progress=False)
+    demos = [[r["demos"] for r in trial.predictions] for trial in first.trials + again.trials]
+    assert demos[0] == demos[1] == demos[2]  # retrieval is deterministic: every trial and run gets the same
+    assert all(len(row) == 2 for row in demos[0])
+    assert cache.stat().st_mtime_ns == written  # read back, not recomputed
