@@ -88,7 +88,8 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_config(name: str | os.PathLike) -> PretrainedConfig:
-    """The config of a folder, shipped name or hub id, of any registered model type."""
+    """The config of a folder, shipped name or hub id, of any registered model type (plugins included)."""
+    load_plugins()
     source = resolve(name)
     try:
         return AutoConfig.from_pretrained(source)

@@ -28,7 +28,6 @@ the logits of one position.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 

@@ -38,8 +38,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
-from .local_files import check_local_model
 from .hub import export_code, exportable_class, has_own_model_card, model_auto_map, write_model_card
+from .local_files import check_local_model
 from .recipes import FP32_MODULES
 
 logger = logging.get_logger(__name__)

@@ -22,8 +22,8 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
-from .local_files import check_local_model
 from .hub import export_code, processor_auto_map
+from .local_files import check_local_model
 
 logger = logging.get_logger(__name__)
 

@@ -59,7 +59,6 @@ def build_models(work: Path):
 
     from flamingo.convert import convert, open_clip_vision_tower
     from flamingo.loading import load_model_and_processor
-    from flamingo.registry import load_plugins
 
     reference, every = work / "openflamingo", 2
     if not (reference / "checkpoint.pt").is_file():
@@ -82,7 +81,6 @@ def build_models(work: Path):
             cross_attn_every_n_layers=every,
             overwrite=True,
         )
-    load_plugins()  # flamingo.loading registers the model types only when it resolves a shipped name
     ours = load_model_and_processor(folder)
     return (theirs.eval(), image_processor, tokenizer), (ours.model, ours.processor)
 

@@ -8,16 +8,16 @@ import zlib
 
 import pytest
 import torch
-
 from disk import tree_hashes
-from flamingo.commands.convert import build_parser as convert_parser
-from flamingo.convert import cross_attention_every, load_checkpoint
-from flamingo.commands.convert import main as convert_main
+from tiny_models import tiny_config
+
 from flamingo.arguments import parse_gpus
+from flamingo.commands.convert import build_parser as convert_parser
+from flamingo.commands.convert import main as convert_main
 from flamingo.commands.memory import parse_args as memory_args
+from flamingo.convert import cross_attention_every, load_checkpoint
 from flamingo.memory import plan_memory
 from otter.conversation import MAX_IMAGE_SIDE, InputError, load_image
-from tiny_models import tiny_config
 
 
 def usage_error(parse, argv, capsys) -> str:

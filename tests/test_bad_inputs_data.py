@@ -8,14 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from disk import tree_hashes
-from otter.data.mimicit import MimicItDataset, mimicit_paths, write_mimicit
+
+from otter.data.mimicit import MimicItDataset, write_mimicit
 from otter.data.mixture import load_mixture
 from otter.data.multi_instruct import MultiInstructDataset
 from otter.data.prepare import folder_records, validate
-from otter.data.prepare import main as prepare_main
 from otter.data.shapes import draw_shape
+from otter.prepare_data import main as prepare_main
 
 QUESTION = "What colour is the shape?"
 

@@ -4,12 +4,12 @@ Every case asserts the specific error (which row, tensor, token, file and what w
 
 import pytest
 import torch
-
 from disk import tree_hashes
+from tiny_models import IMAGE, PAD, TINY_TOKENIZER_DIR, batch, tiny_config, tiny_model
+
 from flamingo import FlamingoModel, FlamingoProcessor
 from flamingo.local_files import check_local_model, looks_like_local_path
 from flamingo.modeling_flamingo import splice_cross_attention
-from tiny_models import IMAGE, PAD, TINY_TOKENIZER_DIR, batch, tiny_config, tiny_model
 
 GREEDY = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=PAD)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TINY_OTTER_DIR
 
 from otter import OtterProcessor
-from tiny_models import TINY_OTTER_DIR
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import open_clip
 import pytest
-from huggingface_hub import ModelCard
 import torch
+from huggingface_hub import ModelCard
 from open_clip.model import CLIP, _build_vision_tower
 from tiny_models import TINY_TEXT, TINY_TOKENIZER_DIR, TINY_VISION, randomize_gates
 from transformers import (
@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from flamingo import FlamingoConfig, FlamingoModel, FlamingoProcessor
+from flamingo.commands.convert import main
 from flamingo.convert import (
     convert,
     convert_checkpoint,
@@ -32,7 +33,6 @@ from flamingo.convert import (
     openflamingo_to_hf,
     save_atomically,
 )
-from flamingo.commands.convert import main
 from otter import OtterConfig, OtterModel
 
 TOKENIZER = TINY_TOKENIZER_DIR

@@ -17,10 +17,10 @@ from otter.data.collate import IGNORE_INDEX, OtterCollator, UsableSamples, build
 from otter.data.mimicit import MimicItDataset, mimicit_paths
 from otter.data.mixture import WeightedMixture, load_mixture
 from otter.data.multi_instruct import MultiInstructDataset
-from otter.data.prepare import main as prepare_main
 from otter.data.samples import BadImageError, EncodedImage, InstructionSample
 from otter.data.shapes import BACKGROUND, COLOURS, draw_shape
 from otter.data.toy import ANSWERS, BUNDLED, QUESTION_TYPES, QUESTIONS, make_toy_dataset, toy_dataset_paths
+from otter.prepare_data import main as prepare_main
 from otter.processing_otter import OtterProcessor
 
 BOS, EOC, IMAGE, ANSWER, PAD = 1, 591, 592, 593, 594

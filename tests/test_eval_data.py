@@ -10,8 +10,8 @@ from PIL import Image
 
 from flamingo.eval.demos import RandomDemos, RicesDemos
 from flamingo.eval.tasks import TaskDataError, load_task
-from otter.data.prepare import main as prepare_main
 from otter.data.toy_eval import make_toy_eval_data
+from otter.prepare_data import main as prepare_main
 
 
 @pytest.fixture(scope="module")

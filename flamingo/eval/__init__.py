@@ -7,17 +7,20 @@
 See `flamingo.eval.runner` for the protocol, `flamingo.eval.tasks` for the data formats.
 """
 
-from .runner import Results, TrialResult, evaluate, markdown_table
-from .tasks import BUILTIN_TASKS, Example, Task, TaskDataError, load_task
+from __future__ import annotations
 
-__all__ = [
-    "BUILTIN_TASKS",
-    "Example",
-    "Results",
-    "Task",
-    "TaskDataError",
-    "TrialResult",
-    "evaluate",
-    "load_task",
-    "markdown_table",
-]
+import importlib
+from typing import Any
+
+# Lazy, like the package itself: `flamingo-eval --help` (flamingo/eval/cli.py) must not import torch.
+_PUBLIC = {
+    "BUILTIN_TASKS": "tasks", "Example": "tasks", "Task": "tasks", "TaskDataError": "tasks", "load_task": "tasks",
+    "Results": "runner", "TrialResult": "runner", "evaluate": "runner", "markdown_table": "runner",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'flamingo.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -94,7 +94,6 @@ def distributed_state():
 def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from flamingo.loading import load_model_and_processor
-    from flamingo.registry import load_plugins
 
     from .runner import evaluate, markdown_table
     from .tasks import load_task
@@ -102,7 +101,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     state = distributed_state()
     tasks = [load_task(task, args.data_dir) for task in args.task]  # bad files fail before the model loads
     device_map = args.device_map or ({"": str(state.device)} if state.device.type != "cpu" else None)
-    load_plugins()  # a model folder of a plugin's type (otter) needs it registered first
     loaded = load_model_and_processor(args.model, tokenizer=args.tokenizer, device_map=device_map, dtype=args.dtype)
     if not loaded.trained:
         logger.warning("%s is untrained (random weights): its scores mean nothing", args.model)

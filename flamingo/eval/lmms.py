@@ -64,7 +64,6 @@ class FlamingoLmms(lmms):
         from accelerate import PartialState
 
         from flamingo.loading import load_model_and_processor
-        from flamingo.registry import load_plugins
 
         if unused:
             logger.warning("flamingo lmms model: ignoring model_args %s", sorted(unused))
@@ -72,7 +71,6 @@ class FlamingoLmms(lmms):
         self._rank, self._world_size = state.process_index, state.num_processes
         if device_map is None and state.device.type != "cpu":
             device_map = str(state.device)
-        load_plugins()  # a model folder of a plugin's type (otter) needs it registered first
         loaded = load_model_and_processor(pretrained, tokenizer=tokenizer, device_map=device_map, dtype=dtype)
         model_type = loaded.model.config.model_type
         if self.expected_model_type and model_type != self.expected_model_type:
