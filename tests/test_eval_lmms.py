@@ -14,7 +14,7 @@ from PIL import Image
 from tiny_models import ROOT, TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 from transformers import AutoConfig
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'flamingo-otter-hf[eval]')")
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'flamingo-otter-hf[lmms]'; CI runs these tests in a venv of their own)")
 
 TASK_UTILS = """
 from PIL import Image
