@@ -25,6 +25,7 @@ NOISY_LOGGERS = (
     "bitsandbytes",  # "Failed to load CPU gemm_4bit_forward" on machines without its CPU kernels
     "bitsandbytes.cextension",
     "deepspeed",
+    "DeepSpeed",  # its own logger: "Setting accelerator to CPU" when imported on a machine without GPUs
     "accelerate.checkpointing",  # one line per file of every checkpoint; otter-train logs one line per checkpoint
     "accelerate.accelerator",
     "httpx",

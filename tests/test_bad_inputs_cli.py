@@ -27,7 +27,7 @@ def usage_error(parse, argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-# ---- flamingo-memory (issue 13, item 9) ------------------------------------------------------------------
+# ---- flamingo-memory ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, error", [
     (["--gpus", "0x24GB", "--strategy", "ddp"], "argument --gpus: GPUs must be at least one GPU of more than 0 GB"),
     (["--gpus", "0x24GB", "--strategy", "device_map"], "argument --gpus: GPUs must be at least one GPU"),
@@ -66,7 +66,7 @@ def test_memory_good_flags_still_plan(capsys):
     assert plan.fits and len(plan.gpus) == 2 and all(gpu.activations >= 0 for gpu in plan.gpus)
 
 
-# ---- flamingo-convert (item 7) -----------------------------------------------------------------------------
+# ---- flamingo-convert --------------------------------------------------------------------------------
 CONVERT = ["checkpoint.pt", "{out}", "--lm", "lm", "--vision-encoder", "clip"]
 
 
@@ -101,7 +101,7 @@ def test_convert_help_names_the_flag():
     assert "--cross-attn-every-n-layers" in convert_parser().format_help()
 
 
-# ---- demo uploads (item 10) ------------------------------------------------------------------------------
+# ---- demo uploads ------------------------------------------------------------------------------------
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares its size; Pillow reads only the header before refusing a decompression bomb."""
     def chunk(kind: bytes, data: bytes) -> bytes:

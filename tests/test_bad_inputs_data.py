@@ -39,7 +39,7 @@ def write_dataset(folder: Path, rows: dict, images: dict | None = None, train_co
 GOOD = {"instruction": QUESTION, "answer": "red", "image_ids": ["IMG"]}
 
 
-# ---- answers that are not text (issue 13, item 6) ----------------------------------------------------------
+# ---- answers that are not text -----------------------------------------------------------------------
 NOT_TEXT = {
     "NULL_ANSWER": ({"answer": None}, "empty_answer"),
     "MISSING_ANSWER": ({"answer": ...}, "empty_answer"),
@@ -152,7 +152,7 @@ def test_tsv_that_is_not_text(tmp_path):
         MultiInstructDataset(tmp_path / "empty.tsv")
 
 
-# ---- mixtures (item 10) ------------------------------------------------------------------------------------
+# ---- mixtures ----------------------------------------------------------------------------------------
 @pytest.fixture
 def component(tmp_path):
     return write_dataset(tmp_path / "component", {"GOOD": GOOD})

@@ -23,7 +23,7 @@ def image(rows: int = 1, count: int = 1) -> torch.Tensor:
     return torch.randn(rows, count, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-# ---- images against <image> tokens (issue 13, item 1) ----------------------------------------------
+# ---- images against <image> tokens -------------------------------------------------------------------
 @pytest.mark.parametrize("entry", ["forward", "generate"])
 @pytest.mark.parametrize("input_ids, vision_x, error", [
     ([[1, IMAGE, 5, IMAGE, 6]], image(1, 1), r"row 0 of input_ids has 2 <image> tokens \(id 98\) but vision_x holds 1 images per row"),
@@ -54,7 +54,7 @@ def test_generate_checks_the_prompt_once_not_per_step(model, monkeypatch, num_be
     assert out.shape[1] == input_ids.shape[1] + 6 and len(calls) == 1
 
 
-# ---- batch sizes (item 2) --------------------------------------------------------------------------
+# ---- batch sizes -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text_rows, image_rows", [(1, 2), (2, 1), (3, 2)])
 @pytest.mark.parametrize("entry", ["forward", "generate"])
 def test_text_and_image_rows_must_match(model, entry, text_rows, image_rows):
@@ -121,7 +121,7 @@ def test_inputs_embeds_without_attended_image_is_refused(model):
         model()
 
 
-# ---- context length (item 5) ------------------------------------------------------------------------
+# ---- context length ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def short_model():
     """A model of 16 positions."""
@@ -159,7 +159,7 @@ def test_mpt_context_is_max_seq_len():
     assert tiny_config("mpt").context_length == 128
 
 
-# ---- cross_attn_every_n_layers (item 7) -------------------------------------------------------------
+# ---- cross_attn_every_n_layers -----------------------------------------------------------------------
 @pytest.mark.parametrize("every, error", [
     (0, "cross_attn_every_n_layers must be >= 1, got 0"),
     (-2, "cross_attn_every_n_layers must be >= 1, got -2"),
@@ -185,7 +185,7 @@ def test_splicing_refuses_a_period_longer_than_the_layer_list():
         splice_cross_attention(language_model, config)
 
 
-# ---- local folders and weight files (item 10) ---------------------------------------------------------
+# ---- local folders and weight files ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved")

@@ -25,7 +25,7 @@ def pixels(processor, picture) -> torch.Tensor:
     return processor(text="<image>a photo", images=picture)["vision_x"]
 
 
-# ---- float images (issue 13, item 3) -----------------------------------------------------------------
+# ---- float images ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("as_float", [
     lambda u8: u8.astype(np.float32) / 255,  # numpy HWC in [0, 1]
     lambda u8: u8.astype(np.float64) / 255,
@@ -104,7 +104,7 @@ def test_images_must_match_markers(processor, text, images, error):
         processor(text=text, images=images)
 
 
-# ---- truncation and length (item 5) --------------------------------------------------------------------
+# ---- truncation and length ---------------------------------------------------------------------------
 def test_truncation_may_not_cut_image_markers(processor):
     prompt = "<image>" + "word " * 30 + "<image>last"
     with pytest.raises(ValueError, match="Truncating prompt 0 to 10 tokens would cut 1 of its 2 <image> markers"):
