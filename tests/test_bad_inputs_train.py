@@ -131,3 +131,22 @@ def test_no_usable_sample_is_an_error_not_an_endless_loop(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no sample of the 8 in the training set is usable (too_long: 8; max_length 8)" in result.stderr
     assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_push_keeps_the_results(tmp_path):
+    """`--push-to-hub` runs last: offline, the upload fails, and the model, its card, summary.json and the loss
+    curve are already written."""
+    toy = toy_dataset_paths()["heldout"]
+    result = subprocess.run(
+        [sys.executable, "-m", "otter.train", "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+         "--batch-size", "4", "--eval-samples", "4", "--heldout", str(toy["instructions_path"]),
+         "--data", str(small_dataset(tmp_path / "data", 8)), "--push-to-hub", "someone/otter-test"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error:" in result.stderr.splitlines()[-1]
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "README.md").is_file()
+    assert "held-out accuracy" in (run / "model" / "README.md").read_text()
