@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import torch
-from disk import tree_hashes
+from refusals import tree_hashes, usage_error
 from tiny_models import tiny_config
 
 from flamingo.arguments import parse_gpus
@@ -18,13 +18,6 @@ from flamingo.commands.memory import parse_args as memory_args
 from flamingo.convert import cross_attention_every, load_checkpoint
 from flamingo.memory import plan_memory
 from otter.conversation import MAX_IMAGE_SIDE, InputError, load_image
-
-
-def usage_error(parse, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        parse(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 # ---- flamingo-memory ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from disk import tree_hashes
+from refusals import tree_hashes
 
 from otter.data.mimicit import MimicItDataset, write_mimicit
 from otter.data.mixture import load_mixture

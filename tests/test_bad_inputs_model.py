@@ -4,7 +4,7 @@ Every case asserts the specific error (which row, tensor, token, file and what w
 
 import pytest
 import torch
-from disk import tree_hashes
+from refusals import tree_hashes
 from tiny_models import IMAGE, PAD, TINY_TOKENIZER_DIR, batch, tiny_config, tiny_model
 
 from flamingo import FlamingoModel, FlamingoProcessor

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from refusals import usage_error
 
 from otter.data.mimicit import write_mimicit
 from otter.data.toy import toy_dataset_paths
@@ -16,13 +17,6 @@ from otter.train import parse_args as train_args
 from otter.training import Checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def usage_error(parse, argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        parse(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, error", [

@@ -1,7 +1,17 @@
-"""What the bad-input tests check after a refusal: that nothing on disk changed."""
+"""What the bad-input tests check of a refusal: a command-line usage error, and that nothing on disk changed."""
 
 import hashlib
 from pathlib import Path
+
+import pytest
+
+
+def usage_error(parse, argv, capsys) -> str:
+    """`parse(argv)` exits as argparse does on a bad flag (status 2); returns what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
