@@ -34,6 +34,18 @@ def generate_answers(model: OtterModel, processor: OtterProcessor, samples: list
     return answers
 
 
+CONDITIONS = ("with_examples", "no_examples", "blank_images")
+
+
+def task_scores(model: OtterModel, processor: OtterProcessor, samples: list[InstructionSample]) -> dict[str, float]:
+    """Accuracy with the samples' in-context examples, without them, and with every image blank: what the model
+    gets from the examples, and from the pictures."""
+    alone = [sample.drop_examples(len(sample.examples)) for sample in samples]
+    return {"with_examples": answer_accuracy(model, processor, samples),
+            "no_examples": answer_accuracy(model, processor, alone),
+            "blank_images": answer_accuracy(model, processor, samples, blank_images=True)}
+
+
 def answer_accuracy(model: OtterModel, processor: OtterProcessor, samples: list[InstructionSample], **kwargs) -> float:
     """Fraction of samples whose generated answer equals the reference answer after `normalize_answer`."""
     answers = generate_answers(model, processor, samples, **kwargs)

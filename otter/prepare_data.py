@@ -41,14 +41,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     folder.add_argument("out", type=Path, help="folder to write the MIMIC-IT files into")
     check = commands.add_parser("validate", help="validate MIMIC-IT files written by this tool")
     check.add_argument("folder", type=Path, help="folder with instructions.json, images.json, train_config.json")
-    toy = commands.add_parser("toy", help="build the toy dataset (train and heldout splits)")
-    toy.add_argument("out", type=Path, help="folder to write the splits into (the bundled copy: otter/assets/toy)")
-    toy.add_argument("--seed", type=int, default=0)
-    toy.add_argument("--num-train", type=int_at_least(1), default=3000)
-    toy.add_argument("--num-heldout", type=int_at_least(1), default=200)
-    # Bounded above: every picture is drawn in memory, and 100000 px a side would be 30 GB each.
-    toy.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=32,
-                     help=f"pixels a side, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 32)")
+    for name, what in (("toy", "the toy VQA dataset"), ("toy-icl", "the in-context toy task (made-up names)")):
+        toy = commands.add_parser(name, help=f"build {what} (train and heldout splits)")
+        toy.add_argument("out", type=Path, help=f"folder to write the splits into (the bundled copy: otter/assets/{name})")
+        toy.add_argument("--seed", type=int, default=0)
+        toy.add_argument("--num-train", type=int_at_least(1), default=3000)
+        toy.add_argument("--num-heldout", type=int_at_least(1), default=200)
+        # Bounded above: every picture is drawn in memory, and 100000 px a side would be 30 GB each.
+        toy.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=32,
+                         help=f"pixels a side, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default 32)")
     toy_eval = commands.add_parser("toy-eval", help="write toy captioning/VQA evaluation data for flamingo-eval")
     toy_eval.add_argument("out", type=Path, help="folder for the data and its task files (toy_captions.json, toy_vqa.json)")
     toy_eval.add_argument("--seed", type=int, default=0)

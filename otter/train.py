@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--save-every", type=int_at_least(0), default=200, help="checkpoint every N optimizer steps (0: only at the end)")
     add("--keep-checkpoints", type=int_at_least(1), default=2)
     add("--resume", action="store_true", help="continue from the latest usable checkpoint in --output-dir")
-    add("--eval-samples", type=int_at_least(0), default=200, help="held-out samples to score (0: skip evaluation)")
+    add("--eval-samples", type=int_at_least(0), default=200, help="held-out samples per task to score at the end "
+        "(0: skip evaluation)")
+    add("--eval-every", type=int_at_least(0), default=500, help="probe held-out accuracy every N optimizer steps "
+        "(0: never), into log.jsonl, TensorBoard and loss.png")
     add("--push-to-hub", metavar="REPO_ID")
     add("--seed", type=int, default=0)
     add("--num-workers", type=int_at_least(0), default=0)
@@ -71,14 +74,22 @@ def _main(argv: list[str]) -> None:
     from otter.training import train
 
     summary = train(args)
-    if "heldout_accuracy" in summary:
-        print(f"held-out accuracy {summary['heldout_accuracy']:.3f} (blank images: {summary['blank_image_accuracy']:.3f}) "
-              f"after {summary['steps']} steps, {summary['train_seconds']:.0f} s; model in {summary['model_dir']}")
+    if "tasks" in summary:
+        print(results_table(summary))
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         # gloo can abort at interpreter exit after training (reference/distributed-cpu.md): leave at once.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def results_table(summary: dict) -> str:
+    """The held-out accuracies per task and condition, as the last lines a run prints."""
+    conditions = ("with_examples", "no_examples", "blank_images")
+    lines = [f"{'task':<8}" + "".join(f"{c.replace('_', ' '):>15}" for c in conditions)]
+    lines += [f"{task:<8}" + "".join(f"{scores[c]:>15.3f}" for c in conditions) for task, scores in summary["tasks"].items()]
+    lines.append(f"after {summary['steps']} steps, {summary['train_seconds']:.0f} s of training; model in {summary['model_dir']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

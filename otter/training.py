@@ -30,12 +30,12 @@ from flamingo.hub import push_folder, write_model_card
 from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator, UsableSamples
+from otter.data.main_job import main_job_data
 from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import load_mixture
-from otter.data.toy import toy_dataset_paths
 from otter.defaults import record_trained_model
 from otter.distributed import configure_deepspeed, hide_zero3_from_transformers, make_accelerator
-from otter.evaluate import answer_accuracy
+from otter.evaluate import answer_accuracy, task_scores
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: DataLoader
     train_set: UsableSamples
-    heldout_set: torch.utils.data.Dataset | None
+    heldout_sets: dict[str, torch.utils.data.Dataset]  # by task name; empty: nothing to score
     checkpoints: Checkpoints
     steps_per_epoch: int
     total_steps: int
@@ -91,7 +91,7 @@ def setup(args: argparse.Namespace) -> Run:
     trainable = configure_trainable(model, args, from_scratch)
     if args.gradient_checkpointing:
         enable_checkpointing(model)
-    train_set, heldout_set = load_datasets(args, processor)
+    train_set, heldout_sets = load_datasets(args, processor)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=OtterCollator(processor),
                         num_workers=args.num_workers, drop_last=True)
     loader = accelerator.prepare(loader)  # now per process
@@ -118,7 +118,7 @@ def setup(args: argparse.Namespace) -> Run:
                 f"{trained:,}", f"{parameters:,}", trainable, total_steps, accelerator.num_processes,
                 accelerator.distributed_type.value, zero_stage(accelerator), accelerator.mixed_precision)
     logger.info("process %d holds %s parameter values", accelerator.process_index, f"{local_parameter_count(model):,}")
-    return Run(args, accelerator, model, processor, optimizer, scheduler, loader, train_set, heldout_set, checkpoints,
+    return Run(args, accelerator, model, processor, optimizer, scheduler, loader, train_set, heldout_sets, checkpoints,
                steps_per_epoch, total_steps, start_step)
 
 
@@ -157,14 +157,17 @@ def enable_checkpointing(model: OtterModel) -> None:
     logger.info("gradient checkpointing: %d layers recompute their activations in the backward pass", checkpointed)
 
 
-def load_datasets(args: argparse.Namespace, processor: OtterProcessor) -> tuple[UsableSamples, MimicItDataset | None]:
+def load_datasets(args: argparse.Namespace, processor: OtterProcessor) -> tuple[UsableSamples, dict[str, MimicItDataset]]:
+    """The training set, and the held-out sets by task: the main job's tasks without `--data`, else `--heldout`."""
     if args.data is None:
-        paths = toy_dataset_paths()
-        train_set, heldout = MimicItDataset(**paths["train"], seed=args.seed), MimicItDataset(**paths["heldout"], seed=args.seed)
+        train_set, heldout = main_job_data(args.seed)
     else:
-        train_set, heldout = load_mixture(args.data), None
+        train_set, heldout = load_mixture(args.data), {}
         if args.heldout:
-            heldout = MimicItDataset(args.heldout, Path(args.heldout).parent / "images.json", seed=args.seed)
+            folder = Path(args.heldout).parent
+            heldout["heldout"] = MimicItDataset(args.heldout, folder / "images.json",
+                                                folder / "train_config.json" if (folder / "train_config.json").is_file() else None,
+                                                seed=args.seed)
     return UsableSamples(train_set, processor, max_length=args.max_length), heldout
 
 
@@ -203,6 +206,8 @@ def loop(run: Run) -> tuple[int, float, bool]:
             accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / (time.perf_counter() - window_start):.0f}")
+            if args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
+                probe(run, step, log, bar)
             if args.save_every and step % args.save_every == 0 and step < run.total_steps:
                 run.checkpoints.save(accelerator, step)
             if step >= run.total_steps or stop.requested:
@@ -212,6 +217,30 @@ def loop(run: Run) -> tuple[int, float, bool]:
     bar.close()
     run.checkpoints.save(accelerator, step)
     return step, time.perf_counter() - started, stop.requested
+
+
+PROBE_SAMPLES = 64  # per task: enough to see the curve rise, few enough to cost a second or two
+
+
+def probe(run: Run, step: int, log: StepLog, bar: tqdm) -> None:
+    """Held-out accuracy (with examples) of the model as it is now, on the first `PROBE_SAMPLES` of each task, into
+    the step log, TensorBoard and the progress bar. Only where one process holds the whole model (one process, DDP):
+    a sharded model (FSDP, DeepSpeed) would need every process to generate together."""
+    accelerator = run.accelerator
+    if not run.heldout_sets or accelerator.distributed_type not in WHOLE_MODEL:
+        return
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.model).eval()
+        scores = {f"heldout/{task}": answer_accuracy(model, run.processor, first_samples(dataset, PROBE_SAMPLES))
+                  for task, dataset in run.heldout_sets.items()}
+        model.train()
+        log.write(step=step, **scores)
+        accelerator.log(scores, step=step)
+        bar.write(f"step {step}: " + ", ".join(f"{name} {value:.3f}" for name, value in scores.items()))
+    accelerator.wait_for_everyone()
+
+
+WHOLE_MODEL = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 # ---- the end --------------------------------------------------------------------------------------
@@ -230,11 +259,11 @@ def finish(run: Run, step: int, train_seconds: float) -> dict:
             accelerator.unwrap_model(run.model).save_pretrained(model_dir, state_dict=state_dict)
             run.processor.save_pretrained(model_dir)
             record_trained_model(model_dir)
-            if run.heldout_set is not None and args.eval_samples:
-                summary.update(score(model_dir, run.processor, run.heldout_set, args.eval_samples))
+            if run.heldout_sets and args.eval_samples:
+                summary.update(score(model_dir, run.processor, run.heldout_sets, args.eval_samples))
             write_model_card(model_dir, base_models=[str(args.model)], training=card_training(args, summary))
             (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            plot_losses(StepLog(args.output_dir / "log.jsonl", True, resume_step=step).losses(), args.output_dir / "loss.png")
+            plot_curves(StepLog(args.output_dir / "log.jsonl", True, resume_step=step), args.output_dir / "loss.png")
             if args.push_to_hub:  # last: a failed upload keeps everything above
                 push_folder(model_dir, args.push_to_hub)
     accelerator.wait_for_everyone()
@@ -243,22 +272,30 @@ def finish(run: Run, step: int, train_seconds: float) -> dict:
 
 def card_training(args: argparse.Namespace, summary: dict) -> dict:
     """What the model card says about this run: data, settings, results."""
-    results = {"held-out accuracy": summary.get("heldout_accuracy"),
-               "held-out accuracy, blank images": summary.get("blank_image_accuracy")}
+    results = {f"held-out accuracy ({task}, {condition.replace('_', ' ')})": value
+               for task, scores in summary.get("tasks", {}).items() for condition, value in scores.items()}
     return {"datasets": [str(args.data) if args.data else "the bundled toy shapes (otter/assets/toy)"],
             "settings": {"steps": summary["steps"], "batch size": args.batch_size, "learning rate": args.lr,
                          "trainable": args.trainable, "seed": args.seed},
             "results": {name: value for name, value in results.items() if value is not None}}
 
 
-def score(model_dir: Path, processor: OtterProcessor, heldout_set: torch.utils.data.Dataset, count: int) -> dict:
+def score(model_dir: Path, processor: OtterProcessor, heldout_sets: dict[str, torch.utils.data.Dataset], count: int) -> dict:
+    """Per task, the accuracy on its first `count` held-out samples in each of `task_scores`' conditions; the first
+    task's with examples and with blank images are also `heldout_accuracy` and `blank_image_accuracy`."""
     saved = OtterModel.from_pretrained(model_dir).eval()
-    samples = [heldout_set[i] for i in range(min(count, len(heldout_set)))]
-    return {"heldout_accuracy": answer_accuracy(saved, processor, samples),
-            "blank_image_accuracy": answer_accuracy(saved, processor, samples, blank_images=True)}
+    tasks = {task: task_scores(saved, processor, first_samples(dataset, count)) for task, dataset in heldout_sets.items()}
+    first = next(iter(tasks.values()))
+    return {"heldout_accuracy": first["with_examples"], "blank_image_accuracy": first["blank_images"], "tasks": tasks}
 
 
-def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
+def first_samples(dataset: torch.utils.data.Dataset, count: int) -> list:
+    return [dataset[i] for i in range(min(count, len(dataset)))]
+
+
+def plot_curves(log: StepLog, path: Path) -> None:
+    """The training loss and, on a second axis, the held-out probes."""
+    losses, scores = log.losses(), log.scores()
     if not losses:
         return
     try:
@@ -270,8 +307,14 @@ def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
         logger.info("matplotlib is not installed (pip install '.[train]'): no loss curve")
         return
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(*zip(*losses))
+    axes.plot(*zip(*losses), color="tab:blue", linewidth=0.8)
     axes.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title="otter-train")
+    if scores:
+        accuracy = axes.twinx()
+        for name, curve in scores.items():
+            accuracy.plot(*zip(*curve), marker="o", label=name)
+        accuracy.set(ylabel="held-out accuracy", ylim=(0, 1))
+        accuracy.legend(loc="center right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -361,8 +404,19 @@ class StepLog:
                 file.write(json.dumps(values) + "\n")
 
     def losses(self) -> list[tuple[int, float]]:
-        rows = [json.loads(line) for line in self._lines()]
-        return [(row["step"], row["loss"]) for row in rows]
+        return [(row["step"], row["loss"]) for row in self._rows() if "loss" in row]
+
+    def scores(self) -> dict[str, list[tuple[int, float]]]:
+        """The held-out probes (`probe`), by name: `{"heldout/vqa": [(step, accuracy), ...]}`."""
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for row in self._rows():
+            for name, value in row.items():
+                if name.startswith("heldout/"):
+                    curves.setdefault(name, []).append((row["step"], value))
+        return curves
+
+    def _rows(self) -> list[dict]:
+        return [json.loads(line) for line in self._lines()]
 
 
 class StopRequested:

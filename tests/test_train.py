@@ -45,7 +45,7 @@ def run_train(output: Path, *extra: str, launcher: list[str] | None = None, time
 
 def logged_losses(output: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def saved_weights(output: Path) -> dict[str, torch.Tensor]:
@@ -107,10 +107,16 @@ def test_trainable_sets(trainable):
 
 @pytest.mark.slow
 def test_short_run_writes_everything(tmp_path):
-    result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2")
+    result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 6 and 0 <= summary["heldout_accuracy"] <= 1 and 0 <= summary["blank_image_accuracy"] <= 1
+    assert summary["steps"] == 6 and set(summary["tasks"]) == {"vqa", "icl"}
+    for scores in summary["tasks"].values():
+        assert set(scores) == {"with_examples", "no_examples", "blank_images"} and all(0 <= v <= 1 for v in scores.values())
+    assert summary["heldout_accuracy"] == summary["tasks"]["vqa"]["with_examples"]
+    assert summary["blank_image_accuracy"] == summary["tasks"]["vqa"]["blank_images"]
+    probes = [row for row in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "heldout/vqa" in row]
+    assert [row["step"] for row in probes] == [3] and 0 <= probes[0]["heldout/icl"] <= 1
     # every 2 steps, the last step always, the newest 2 kept
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     losses = logged_losses(tmp_path)
@@ -118,7 +124,9 @@ def test_short_run_writes_everything(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0 and list((tmp_path / "runs").rglob("events.out.tfevents*"))
     model = OtterModel.from_pretrained(summary["model_dir"])
     assert model.config.model_type == "otter"
-    assert "held-out accuracy" in result.stdout
+    table = result.stdout.splitlines()[-4:]
+    assert table[0].split() == ["task", "with", "examples", "no", "examples", "blank", "images"], result.stdout
+    assert [line.split()[0] for line in table[1:3]] == ["vqa", "icl"] and "steps" in table[3]
 
 
 @pytest.mark.slow

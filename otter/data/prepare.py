@@ -20,6 +20,7 @@ from .multi_instruct import MultiInstructDataset
 from .samples import BadImageError, BadRowError, EncodedImage, decode_image, describe_counts, text_problem
 from .toy import make_toy_dataset
 from .toy_eval import make_toy_eval_data
+from .toy_icl import make_toy_icl_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +193,9 @@ def run(args: argparse.Namespace) -> None:
         folders = [_write(tsv_records(args.tsv, bad_rows), args.out, args.tsv, bad_rows)]
     elif args.command == "folder":
         folders = [_write(folder_records(args.images, args.jsonl, bad_rows), args.out, args.jsonl, bad_rows)]
-    elif args.command == "toy":
-        make_toy_dataset(
-            args.out, seed=args.seed, num_train=args.num_train, num_heldout=args.num_heldout, image_size=args.image_size
-        )
+    elif args.command in ("toy", "toy-icl"):
+        make = make_toy_dataset if args.command == "toy" else make_toy_icl_dataset
+        make(args.out, seed=args.seed, num_train=args.num_train, num_heldout=args.num_heldout, image_size=args.image_size)
         folders = [args.out / "train", args.out / "heldout"]
     else:
         folders = [args.folder]

@@ -1,0 +1,104 @@
+"""The in-context toy task (otter.data.toy_icl) and the main job's data (otter.data.main_job)."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from tiny_models import TINY_OTTER_DIR
+
+from otter import OtterProcessor
+from otter.data.main_job import TASKS, main_job_data
+from otter.data.mimicit import MimicItDataset, mimicit_paths
+from otter.data.samples import EncodedImage
+from otter.data.shapes import COLOURS
+from otter.data.toy_icl import BUNDLED, HELDOUT_NAMES, NAMES, QUESTION, TRAIN_NAMES, make_toy_icl_dataset
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return OtterProcessor.from_pretrained(TINY_OTTER_DIR)
+
+
+def small_task(out_dir, seed=0):
+    return make_toy_icl_dataset(out_dir, seed=seed, num_train=40, num_heldout=12)
+
+
+def episodes(paths, split):
+    """Per query: its row and its examples' rows, in order."""
+    rows = json.loads(paths[f"{split}_instructions"].read_text())["data"]
+    config = json.loads(paths[f"{split}_train_config"].read_text())
+    return [(rows[query], [rows[e] for e in examples]) for query, examples in config.items()]
+
+
+def test_names_are_a_consonant_and_a_vowel_token(processor):
+    tokenizer = processor.tokenizer
+    for name in NAMES:
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(f"<answer> {name}", add_special_tokens=False).input_ids)
+        assert tokens[1:] == ["▁" + name[0], name[1]], (name, tokens)
+
+
+def test_heldout_names_are_new_combinations_of_known_letters():
+    assert not set(HELDOUT_NAMES) & set(TRAIN_NAMES) and set(HELDOUT_NAMES) | set(TRAIN_NAMES) == set(NAMES)
+    for position in (0, 1):
+        assert {n[position] for n in HELDOUT_NAMES} <= {n[position] for n in TRAIN_NAMES}
+
+
+def test_task_is_deterministic(tmp_path):
+    first, second, other = small_task(tmp_path / "a"), small_task(tmp_path / "b"), small_task(tmp_path / "c", seed=1)
+    assert all(first[key].read_bytes() == second[key].read_bytes() for key in first)
+    assert first["train_images"].read_bytes() != other["train_images"].read_bytes()
+
+
+def test_episodes_need_their_examples(tmp_path):
+    """The query's colour is one example's, its shape not that example's; its answer is that example's name; the two names
+    differ in both letters; each split uses its own names; targets are balanced."""
+    paths = small_task(tmp_path)
+    for split, pool in (("train", TRAIN_NAMES), ("heldout", HELDOUT_NAMES)):
+        targets = Counter()
+        found = episodes(paths, split)
+        assert len(found) == {"train": 40, "heldout": 12}[split]
+        for query, examples in found:
+            assert len(examples) == 2 and {r["instruction"] for r in [query, *examples]} == {QUESTION}
+            names = [e["answer"] for e in examples]
+            assert set(names) <= set(pool) and names[0][0] != names[1][0] and names[0][1] != names[1][1]
+            matching = [i for i, e in enumerate(examples) if e["colour"] == query["colour"]]
+            assert len(matching) == 1 and query["answer"] == names[matching[0]]
+            assert query["shape"] != examples[matching[0]]["shape"]
+            targets[matching[0]] += 1
+        assert abs(targets[0] - targets[1]) <= 1
+
+
+def test_pictures_show_their_colour_and_are_unique(tmp_path):
+    paths = small_task(tmp_path)
+    images = {split: json.loads(paths[f"{split}_images"].read_text()) for split in ("train", "heldout")}
+    every = [data for split in images.values() for data in split.values()]
+    assert len(set(every)) == len(every) == 3 * (40 + 12)
+    for query, examples in episodes(paths, "heldout"):
+        for row in [query, *examples]:
+            pixels = np.asarray(EncodedImage(images["heldout"][row["image_ids"][0]])())
+            assert (pixels == COLOURS[row["colour"]]).all(-1).any()
+
+
+def test_dataset_reads_queries_with_their_examples(tmp_path):
+    small_task(tmp_path)
+    dataset = MimicItDataset(**mimicit_paths(tmp_path / "heldout"))
+    assert len(dataset) == 12 and all(len(sample.chunks) == 3 for sample in dataset)
+    assert all(sample.answer in {name for _, name in sample.examples} for sample in dataset)
+
+
+@pytest.mark.slow
+def test_bundled_task_is_the_default_build(tmp_path):
+    fresh = make_toy_icl_dataset(tmp_path)
+    for split in ("train", "heldout"):
+        files = mimicit_paths(BUNDLED / split)
+        for key in ("instructions", "train_config"):
+            assert files[f"{key}_path"].read_bytes() == fresh[f"{split}_{key}"].read_bytes()
+
+
+def test_main_job_mixes_every_task_and_holds_each_out():
+    mixture, heldout = main_job_data(seed=0)
+    assert list(heldout) == list(TASKS) == ["vqa", "icl"]
+    draws = Counter(mixture.components.tolist())
+    assert len(mixture) == sum(len(d) for d in mixture.datasets) and set(draws) == {0, 1}
+    assert all(len(dataset) == 200 for dataset in heldout.values())
