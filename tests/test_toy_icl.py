@@ -25,10 +25,11 @@ def small_task(out_dir, seed=0):
 
 
 def episodes(paths, split):
-    """Per query: its row and its examples' rows, in order."""
+    """Per episode: its last query's row, its examples' rows and its earlier queries' rows."""
     rows = json.loads(paths[f"{split}_instructions"].read_text())["data"]
     config = json.loads(paths[f"{split}_train_config"].read_text())
-    return [(rows[query], [rows[e] for e in examples]) for query, examples in config.items()]
+    return [(rows[query], [rows[i] for i in before if "_EX" in i], [rows[i] for i in before if "_Q" in i])
+            for query, before in config.items()]
 
 
 def test_names_are_a_consonant_and_a_vowel_token(processor):
@@ -51,21 +52,23 @@ def test_task_is_deterministic(tmp_path):
 
 
 def test_episodes_need_their_examples(tmp_path):
-    """The query's colour is one example's, its shape not that example's; its answer is that example's name; the two names
-    differ in both letters; each split uses its own names; targets are balanced."""
+    """Each query's colour is one example's, its shape not that example's; its answer is that example's name; the
+    two names differ in both letters; each split uses its own names; the last queries' targets are balanced."""
     paths = small_task(tmp_path)
     for split, pool in (("train", TRAIN_NAMES), ("heldout", HELDOUT_NAMES)):
         targets = Counter()
         found = episodes(paths, split)
         assert len(found) == {"train": 40, "heldout": 12}[split]
-        for query, examples in found:
-            assert len(examples) == 2 and {r["instruction"] for r in [query, *examples]} == {QUESTION}
+        for last, examples, earlier in found:
+            assert len(examples) == 2 and len(earlier) == {"train": 1, "heldout": 0}[split]
             names = [e["answer"] for e in examples]
             assert set(names) <= set(pool) and names[0][0] != names[1][0] and names[0][1] != names[1][1]
-            matching = [i for i, e in enumerate(examples) if e["colour"] == query["colour"]]
-            assert len(matching) == 1 and query["answer"] == names[matching[0]]
-            assert query["shape"] != examples[matching[0]]["shape"]
-            targets[matching[0]] += 1
+            for query in [*earlier, last]:
+                assert query["instruction"] == QUESTION and {e["instruction"] for e in examples} == {QUESTION}
+                matching = [i for i, e in enumerate(examples) if e["colour"] == query["colour"]]
+                assert len(matching) == 1 and query["answer"] == names[matching[0]]
+                assert query["shape"] != examples[matching[0]]["shape"]
+            targets[names.index(last["answer"])] += 1
         assert abs(targets[0] - targets[1]) <= 1
 
 
@@ -73,8 +76,8 @@ def test_pictures_show_their_colour_and_are_unique(tmp_path):
     paths = small_task(tmp_path)
     images = {split: json.loads(paths[f"{split}_images"].read_text()) for split in ("train", "heldout")}
     every = [data for split in images.values() for data in split.values()]
-    assert len(set(every)) == len(every) == 3 * (40 + 12)
-    for query, examples in episodes(paths, "heldout"):
+    assert len(set(every)) == len(every) == 4 * 40 + 3 * 12
+    for query, examples, _ in episodes(paths, "heldout"):
         for row in [query, *examples]:
             pixels = np.asarray(EncodedImage(images["heldout"][row["image_ids"][0]])())
             assert (pixels == COLOURS[row["colour"]]).all(-1).any()

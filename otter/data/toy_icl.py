@@ -7,12 +7,13 @@ name of a third picture, which has the colour of one of them:
     <image>User: What is it called? GPT:<answer> ti<|endofchunk|>      (a red cross)
     <image>User: What is it called? GPT:<answer>                       (a blue square: "bu")
 
-The query's shape is never its example's, so only the colour links the two. Names are a consonant and
-a vowel (two tokens of the tiny tokenizer, `▁b` `u`); every episode draws its two names afresh, and the held-out split
-uses only names that no training episode contains, so a model cannot answer from memory: with the examples it can
-answer (the ability this task measures), without them it cannot (0), and with blank images it can only guess one of
-the two names (1/2). The query's shape is the first example's in half of the episodes, the second's in the other half.
-Everything follows from the seed: the same arguments give byte-identical files.
+The query's shape is never its example's, so only the colour links the two. Training episodes ask twice, once per
+example (the first answer is then one more in-context example for the second); held-out episodes ask once, naming
+the first example in half of the episodes and the second in the other half. Names are a consonant and a vowel (two
+tokens of the tiny tokenizer, `▁b` `u`); every episode draws its two names afresh, and the held-out split uses only
+names that no training episode contains, so a model cannot answer from memory: with the examples it can answer (the
+ability this task measures), without them it cannot (0), and with blank images it can only guess one of the two
+names (1/2). Everything follows from the seed: the same arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ NAMES = tuple(c + v for c in CONSONANTS for v in VOWELS if c + v not in _NOT_TWO
 HELDOUT_NAMES = tuple(n for n in NAMES if (CONSONANTS.index(n[0]) + VOWELS.index(n[1])) % len(VOWELS) == 0)
 TRAIN_NAMES = tuple(n for n in NAMES if n not in HELDOUT_NAMES)
 NUM_IN_CONTEXT = 2
+# Training episodes ask twice (each example's colour once), so the first query's answer is one more copying target in
+# the context of the second; held-out episodes ask once, after the two examples.
+QUERIES = {"train": 2, "heldout": 1}
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "toy-icl"
 
 
@@ -69,13 +73,14 @@ class Picture:
     png: bytes
 
 
-def _episode(index: int, pool: tuple[str, ...], image_size: int, rng: random.Random, forbidden: set[bytes]) -> list[Picture]:
-    """The examples' pictures, then the query's: the target example's colour, in a shape that is not its shape."""
+def _episode(index: int, pool: tuple[str, ...], queries: int, image_size: int, rng: random.Random,
+             forbidden: set[bytes]) -> list[Picture]:
+    """The examples' pictures, then the queries': each the colour of an example, in a shape that is not its."""
     colours = rng.sample(tuple(COLOURS), NUM_IN_CONTEXT)
     shapes = [rng.choice(SHAPES) for _ in range(NUM_IN_CONTEXT)]
     names = _names(pool, rng)
-    target = index % NUM_IN_CONTEXT  # balanced: the query names the first example as often as the second
-    query_shape = rng.choice([shape for shape in SHAPES if shape != shapes[target]])
+    # Balanced: the (last) query names the first example as often as the second.
+    targets = [(index + queries - 1 - q) % NUM_IN_CONTEXT for q in range(queries)]
 
     def picture(shape: str, colour: str, name: str) -> Picture:
         png = png_bytes(_picture(shape, colour, rng, image_size))
@@ -85,16 +90,18 @@ def _episode(index: int, pool: tuple[str, ...], image_size: int, rng: random.Ran
         return Picture(shape, colour, name, png)
 
     examples = [picture(*chosen) for chosen in zip(shapes, colours, names, strict=True)]
-    return [*examples, picture(query_shape, colours[target], names[target])]
+    return examples + [
+        picture(rng.choice([s for s in SHAPES if s != shapes[t]]), colours[t], names[t]) for t in targets
+    ]
 
 
 def _write_split(folder: Path, split: str, episodes: list[list[Picture]], meta: dict) -> dict[str, Path]:
-    """One instruction per picture (with what it shows, for checking), the query's last; the train config lists the
-    queries with their examples."""
+    """One instruction per picture (with what it shows, for checking); the train config lists each episode's last
+    query with the chunks before it."""
     prefix = f"ICL_{split.upper()}"
     rows, images, train_config = {}, {}, {}
     for e, pictures in enumerate(episodes):
-        ids = [f"{prefix}_EP{e:05d}_EX{i}" for i in range(len(pictures) - 1)] + [f"{prefix}_EP{e:05d}_Q"]
+        ids = [f"{prefix}_EP{e:05d}_{'EX' if i < NUM_IN_CONTEXT else 'Q'}{i}" for i in range(len(pictures))]
         for picture, ins_id in zip(pictures, ids, strict=True):
             img_id = ins_id.replace("_EP", "_IMG_EP")
             images[img_id] = base64.b64encode(picture.png).decode("ascii")
@@ -121,7 +128,7 @@ def make_toy_icl_dataset(
     paths = {}
     for split, count, pool in zip(SPLITS, (num_train, num_heldout), (TRAIN_NAMES, HELDOUT_NAMES), strict=True):
         rng = random.Random(f"otter-toy-icl:{seed}:{split}")
-        episodes = [_episode(i, pool, image_size, rng, forbidden) for i in range(count)]
+        episodes = [_episode(i, pool, QUERIES[split], image_size, rng, forbidden) for i in range(count)]
         written = _write_split(Path(out_dir) / split, split, episodes, meta)
         paths.update({f"{split}_{key.removesuffix('_path')}": path for key, path in written.items()})
     logger.info("Wrote the in-context toy task (%d train, %d held-out episodes) to %s", num_train, num_heldout, out_dir)
