@@ -32,16 +32,17 @@ def episodes(paths, split):
             for query, before in config.items()]
 
 
-def test_names_are_a_consonant_and_a_vowel_token(processor):
+def test_names_are_three_letter_tokens(processor):
     tokenizer = processor.tokenizer
     for name in NAMES:
         tokens = tokenizer.convert_ids_to_tokens(tokenizer(f"<answer> {name}", add_special_tokens=False).input_ids)
-        assert tokens[1:] == ["▁" + name[0], name[1]], (name, tokens)
+        assert tokens[1:] == ["▁" + name[0], name[1], name[2]], (name, tokens)
 
 
 def test_heldout_names_are_new_combinations_of_known_letters():
     assert not set(HELDOUT_NAMES) & set(TRAIN_NAMES) and set(HELDOUT_NAMES) | set(TRAIN_NAMES) == set(NAMES)
-    for position in (0, 1):
+    assert len(TRAIN_NAMES) > 200 and len(HELDOUT_NAMES) > 30
+    for position in (0, 1, 2):
         assert {n[position] for n in HELDOUT_NAMES} <= {n[position] for n in TRAIN_NAMES}
 
 
@@ -62,7 +63,7 @@ def test_episodes_need_their_examples(tmp_path):
         for last, examples, earlier in found:
             assert len(examples) == 2 and len(earlier) == {"train": 1, "heldout": 0}[split]
             names = [e["answer"] for e in examples]
-            assert set(names) <= set(pool) and names[0][0] != names[1][0] and names[0][1] != names[1][1]
+            assert set(names) <= set(pool) and all(a != b for a, b in zip(*names))
             for query in [*earlier, last]:
                 assert query["instruction"] == QUESTION and {e["instruction"] for e in examples} == {QUESTION}
                 matching = [i for i, e in enumerate(examples) if e["colour"] == query["colour"]]
