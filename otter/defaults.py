@@ -1,4 +1,4 @@
-"""Where Otter's commands find their model when none is named.
+"""Where Otter's commands find their model when none is named, and what `otter-train` trains on by default.
 
 The rule: `otter-train` writes its model to `<--output-dir>/model` (default `outputs/otter-tiny/model` under the
 current directory) and, when it finishes, records that folder's absolute path in `~/.cache/otter/last-model`
@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 TINY_OTTER = "tiny-otter"
 DEFAULT_OUTPUT_DIR = Path("outputs/otter-tiny")
+# `otter-train --data`: the bundled toy data sets (otter.data.main_job), the first the default.
+BUNDLED_DATA = ("toy", "toy-icl", "toy-mixture")
+DEFAULT_DATA = BUNDLED_DATA[0]
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flamingo.arguments import int_at_least
 from flamingo.cli import add_debug_flag, run_command
-from otter.defaults import DEFAULT_OUTPUT_DIR, TINY_OTTER
+from otter.defaults import DEFAULT_DATA, DEFAULT_OUTPUT_DIR, TINY_OTTER
 
 
 def positive_float(text: str) -> float:
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model", default=TINY_OTTER, help="hub id, folder or shipped config name; a config without weights trains "
         "from scratch (default: the tiny Otter)")
     add("--tokenizer", help="base tokenizer for checkpoints that ship none (Otter's tokens are added)")
-    add("--data", help="mixture file (YAML/JSON); default: the bundled toy dataset")
+    add("--data", default=DEFAULT_DATA, help="a mixture file (YAML/JSON), or bundled toy data: toy (questions about "
+        "shapes, the default), toy-icl (made-up names that only the in-context examples give), toy-mixture (both)")
     add("--heldout", help="MIMIC-IT instructions JSON of the held-out split (images/train-config beside it)")
     add("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     add("--trainable", choices=["auto", "otter", "all", "lora"], default="auto",

@@ -30,10 +30,10 @@ from flamingo.hub import push_folder, write_model_card
 from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator, UsableSamples
-from otter.data.main_job import main_job_data
+from otter.data.main_job import bundled_data
 from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import load_mixture
-from otter.defaults import record_trained_model
+from otter.defaults import BUNDLED_DATA, record_trained_model
 from otter.distributed import configure_deepspeed, hide_zero3_from_transformers, make_accelerator
 from otter.evaluate import answer_accuracy, task_scores
 
@@ -158,9 +158,9 @@ def enable_checkpointing(model: OtterModel) -> None:
 
 
 def load_datasets(args: argparse.Namespace, processor: OtterProcessor) -> tuple[UsableSamples, dict[str, MimicItDataset]]:
-    """The training set, and the held-out sets by task: the main job's tasks without `--data`, else `--heldout`."""
-    if args.data is None:
-        train_set, heldout = main_job_data(args.seed)
+    """The training set, and the held-out sets by task: a bundled set's tasks (`--data toy`, ...), else `--heldout`."""
+    if args.data in BUNDLED_DATA:
+        train_set, heldout = bundled_data(args.data, args.seed)
     else:
         train_set, heldout = load_mixture(args.data), {}
         if args.heldout:
@@ -274,7 +274,8 @@ def card_training(args: argparse.Namespace, summary: dict) -> dict:
     """What the model card says about this run: data, settings, results."""
     results = {f"held-out accuracy ({task}, {condition.replace('_', ' ')})": value
                for task, scores in summary.get("tasks", {}).items() for condition, value in scores.items()}
-    return {"datasets": [str(args.data) if args.data else "the bundled toy shapes (otter/assets/toy)"],
+    bundled = f"the bundled toy data {args.data!r} (otter.data.main_job)"
+    return {"datasets": [bundled if args.data in BUNDLED_DATA else str(args.data)],
             "settings": {"steps": summary["steps"], "batch size": args.batch_size, "learning rate": args.lr,
                          "trainable": args.trainable, "seed": args.seed},
             "results": {name: value for name, value in results.items() if value is not None}}

@@ -8,11 +8,12 @@ import pytest
 from tiny_models import TINY_OTTER_DIR
 
 from otter import OtterProcessor
-from otter.data.main_job import TASKS, main_job_data
+from otter.data.main_job import TASKS, TASKS_OF, bundled_data
 from otter.data.mimicit import MimicItDataset, mimicit_paths
 from otter.data.samples import EncodedImage
 from otter.data.shapes import COLOURS
 from otter.data.toy_icl import BUNDLED, HELDOUT_NAMES, NAMES, QUESTION, TRAIN_NAMES, make_toy_icl_dataset
+from otter.defaults import BUNDLED_DATA
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +101,13 @@ def test_bundled_task_is_the_default_build(tmp_path):
             assert files[f"{key}_path"].read_bytes() == fresh[f"{split}_{key}"].read_bytes()
 
 
-def test_main_job_mixes_every_task_and_holds_each_out():
-    mixture, heldout = main_job_data(seed=0)
+def test_bundled_data_mixes_its_tasks_and_holds_each_out():
+    mixture, heldout = bundled_data("toy-mixture", seed=0)
     assert list(heldout) == list(TASKS) == ["vqa", "icl"]
     draws = Counter(mixture.components.tolist())
     assert len(mixture) == sum(len(d) for d in mixture.datasets) and set(draws) == {0, 1}
     assert all(len(dataset) == 200 for dataset in heldout.values())
+    assert tuple(TASKS_OF) == BUNDLED_DATA, "otter-train --help (otter.defaults) names the same sets"
+    assert list(bundled_data("toy")[1]) == ["vqa"] and list(bundled_data("toy-icl")[1]) == ["icl"]
+    with pytest.raises(ValueError, match="unknown bundled data 'toys'; expected one of toy, toy-icl, toy-mixture"):
+        bundled_data("toys")

@@ -107,7 +107,8 @@ def test_trainable_sets(trainable):
 
 @pytest.mark.slow
 def test_short_run_writes_everything(tmp_path):
-    result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "3")
+    result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "3",
+                       "--data", "toy-mixture")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and set(summary["tasks"]) == {"vqa", "icl"}
