@@ -33,17 +33,17 @@ def episodes(paths, split):
             for query, before in config.items()]
 
 
-def test_names_are_three_letter_tokens(processor):
+def test_names_are_letter_tokens(processor):
     tokenizer = processor.tokenizer
     for name in NAMES:
         tokens = tokenizer.convert_ids_to_tokens(tokenizer(f"<answer> {name}", add_special_tokens=False).input_ids)
-        assert tokens[1:] == ["▁" + name[0], name[1], name[2]], (name, tokens)
+        assert tokens[1:] == ["▁" + name[0], *name[1:]], (name, tokens)
 
 
 def test_heldout_names_are_new_combinations_of_known_letters():
     assert not set(HELDOUT_NAMES) & set(TRAIN_NAMES) and set(HELDOUT_NAMES) | set(TRAIN_NAMES) == set(NAMES)
-    assert len(TRAIN_NAMES) > 200 and len(HELDOUT_NAMES) > 30
-    for position in (0, 1, 2):
+    assert len(TRAIN_NAMES) > 500 and len(HELDOUT_NAMES) > 50
+    for position in range(4):
         assert {n[position] for n in HELDOUT_NAMES} <= {n[position] for n in TRAIN_NAMES}
 
 
