@@ -15,8 +15,14 @@ from flamingo.loading import load_processor
 from otter.data.collate import OtterCollator, UsableSamples
 from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import load_mixture
-from otter.data.toy_video import (ANSWERS, NUM_FRAMES, QUESTION_TYPES, make_toy_video_dataset, single_frame,
-                                  toy_video_dataset_paths)
+from otter.data.toy_video import (
+    ANSWERS,
+    NUM_FRAMES,
+    QUESTION_TYPES,
+    make_toy_video_dataset,
+    single_frame,
+    toy_video_dataset_paths,
+)
 
 RED = (200, 0, 0)
 
@@ -103,9 +109,8 @@ def test_num_frames_samples_the_frame_ids(video_files):
 
 
 def test_a_mixture_of_image_and_video_datasets_collates_both(video_files, tmp_path, processor):
-    images = write_json(tmp_path / "images.json", {"IMG": png(250)})
-    instructions = write_json(tmp_path / "image_instructions.json",
-                              {"data": {"LA_INS_0": row("What colour?", "red", ["IMG"])}})
+    write_json(tmp_path / "images.json", {"IMG": png(250)})
+    write_json(tmp_path / "image_instructions.json", {"data": {"LA_INS_0": row("What colour?", "red", ["IMG"])}})
     mixture = write_json(tmp_path / "mix.json", {"seed": 0, "length": 8, "datasets": [
         {"type": "mimicit", "instructions_path": "DC_instructions.json", "images_path": "DC.json",
          "num_in_context": 0, "weight": 1},
