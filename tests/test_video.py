@@ -242,3 +242,41 @@ def test_generation_encodes_each_clip_once(video_processor, video_model, num_bea
         perceiver_hook.remove()
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
     assert len(calls) == 1 and len(perceiver_calls) == 1  # all frames of all clips in one pass, at the prefill
+
+
+# ---- the memory planner ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("trainable", "frames", "checkpointing"), [("all", 4, False), ("otter", 8, False),
+                                                                  ("all", 4, True)])
+def test_the_activation_model_counts_frames(trainable, frames, checkpointing):
+    from flamingo.memory import activation_bytes, measure_saved_bytes
+
+    torch.manual_seed(0)
+    config = load_config(TINY_VIDEO)
+    model = OtterModel(config)
+    model.set_trainable(language_model=trainable == "all", vision_encoder=trainable == "all")
+    measured = measure_saved_bytes(model, 2, 48, 1, checkpointing, frames=frames)
+    predicted = activation_bytes(config, 2, 48, 1, torch.float32, trainable, checkpointing, frames).total
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_frames_grow_the_vision_side_only():
+    from flamingo.memory import activation_bytes
+
+    config = load_config("otter-video-llama7b")
+    one, sixteen = (activation_bytes(config, 1, 512, 1, torch.bfloat16, "all", frames=f).parts for f in (1, 16))
+    assert sixteen["vision_encoder"] == 16 * one["vision_encoder"]
+    assert 5 * one["perceiver"] < sixteen["perceiver"] < 16 * one["perceiver"]  # the latents do not grow
+    assert sixteen["cross_attention"] == one["cross_attention"] and sixteen["lm_decoder"] == one["lm_decoder"]
+
+
+def test_flamingo_memory_frames(capsys):
+    from flamingo.commands.memory import main
+
+    assert main(["otter-video-llama7b", "--gpus", "1x80GB", "--frames", "16"]) in (0, 1)
+    assert "frames 16" in capsys.readouterr().out
+    assert main(["otter-9b-llama", "--frames", "16"]) == 2
+    assert "takes images only" in capsys.readouterr().err
+    assert main(["otter-video-llama7b", "--frames", "129"]) == 2
+    assert "has 128 frame embeddings" in capsys.readouterr().err
