@@ -155,6 +155,15 @@ def _import_av() -> Any:
     return av
 
 
+def media_kwargs(rows: Sequence[Sequence[Any]]) -> dict[str, list]:
+    """The processor keyword for decoded media, one list per prompt of images and clips (lists of frames):
+    `images=` when all are images, else `videos=` with each image as a 1-frame clip (stretched to the batch's frames
+    like any short clip)."""
+    if not any(isinstance(media, (list, tuple)) for row in rows for media in row):
+        return {"images": [list(row) for row in rows]}
+    return {"videos": [[list(media) if isinstance(media, (list, tuple)) else [media] for media in row] for row in rows]}
+
+
 def write_video(path: PathLike, frames: Sequence[PIL.Image.Image], fps: int = 4) -> Path:
     """Write frames as a lossless-enough MPEG-4 file with PyAV (for tests and examples; sizes rounded to even)."""
     av = _import_av()
@@ -171,5 +180,5 @@ def write_video(path: PathLike, frames: Sequence[PIL.Image.Image], fps: int = 4)
     return path
 
 
-__all__ = ["clip_frames", "is_clip", "is_clip_or_image", "read_video", "sample_frame_indices", "stretch_indices",
+__all__ = ["clip_frames", "is_clip", "is_clip_or_image", "media_kwargs", "read_video", "sample_frame_indices", "stretch_indices",
            "write_video"]

@@ -4,7 +4,8 @@ import string
 
 import torch
 
-from otter.data.samples import InstructionSample, blank_like, processor_media
+from flamingo.video import media_kwargs
+from otter.data.samples import InstructionSample, blank_like
 from otter.modeling_otter import OtterModel
 from otter.processing_otter import OtterProcessor, build_prompt
 
@@ -26,7 +27,7 @@ def generate_answers(model: OtterModel, processor: OtterProcessor, samples: list
         images = [s.load_images() for s in batch]
         if blank_images:
             images = [[blank_like(media) for media in row] for row in images]
-        inputs = processor(text=prompts, **processor_media(images)).to(model.device)
+        inputs = processor(text=prompts, **media_kwargs(images)).to(model.device)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=processor.pad_token_id)
         answers += processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from flamingo.video import media_kwargs
+
 from ..processing_otter import OtterProcessor
-from .samples import BadImageError, InstructionSample, Media, describe_counts, processor_media
+from .samples import BadImageError, InstructionSample, Media, describe_counts
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +125,12 @@ class UsableSamples(torch.utils.data.Dataset):
 class OtterCollator:
     """`PreparedSample`s -> `input_ids`, `attention_mask`, `vision_x` `(B, T_img, F, 3, H, W)` and `labels`,
     padded on the right (each row's positions start at 0, as in training without `position_ids`). `F` is 1 for
-    images; with clips in the batch, the most frames of any clip (`processor_media`)."""
+    images; with clips in the batch, the most frames of any clip (`flamingo.video.media_kwargs`)."""
 
     def __init__(self, processor: OtterProcessor):
         self.processor = processor
 
     def __call__(self, samples: Sequence[PreparedSample]) -> dict[str, torch.Tensor]:
-        batch = self.processor(text=[s.text for s in samples], **processor_media([s.images for s in samples]),
+        batch = self.processor(text=[s.text for s in samples], **media_kwargs([s.images for s in samples]),
                                padding_side="right", return_tensors="pt")
         return {**batch, "labels": build_labels(batch["input_ids"], self.processor)}

@@ -144,14 +144,6 @@ def _load(image: ImageSource) -> Image.Image:
     return image if isinstance(image, Image.Image) else image()
 
 
-def processor_media(rows: Sequence[Sequence[Media]]) -> dict[str, list]:
-    """The processor keyword for a batch's decoded media, one list per prompt: `images=` when every chunk has an
-    image, else `videos=` with each image as a 1-frame clip (the processor stretches it to the batch's frames)."""
-    if not any(isinstance(media, list) for row in rows for media in row):
-        return {"images": [list(row) for row in rows]}
-    return {"videos": [[media if isinstance(media, list) else [media] for media in row] for row in rows]}
-
-
 def blank_like(media: Media) -> Media:
     """A grey image of the same size (for a clip: as many grey frames): what a model sees when it sees nothing."""
     if isinstance(media, list):
