@@ -88,7 +88,7 @@ def chat_loop(chat: ChatModel, conversation: Conversation, images: list[Image.Im
                     images.append(load_media(line.removeprefix("/image").strip()))
                 else:
                     images.append(tuple(load_image(path) for path in line.removeprefix("/frames").split()))
-                print(f"({len(images)} image(s) or clip(s) for the next question)")
+                print(f"({len(images)} image(s) for the next question)")  # a clip counts as one
             except InputError as error:
                 print(error)
         elif line.startswith("/"):

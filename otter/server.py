@@ -205,8 +205,8 @@ def conversation_from_messages(messages: Sequence[Message], images: ImageSource,
     is pending; the checks of `Conversation.ask` (text, first image) apply to every user message."""
     count = sum(_image_count(part) for message in messages for part in _parts(message))
     if count > max_images:
-        raise InputError(f"The messages hold {count} images (a video's frames count one each); this server accepts "
-                         f"at most {max_images} per request (--max-images), one <image> per image in the prompt.")
+        raise InputError(f"The messages hold {count} images; this server accepts at most {max_images} per request "
+                         "(--max-images; a video's frames count one each), one <image> per image in the prompt.")
     conversation = Conversation()
     for number, message in enumerate(messages):
         where = f"messages[{number}]"

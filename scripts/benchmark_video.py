@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/benchmark-video"))
     parser.add_argument("--data-dir", type=Path, help="where the toy video task is (built if absent; default: the cache)")
     parser.add_argument("--model", default="tiny-otter-video")
-    parser.add_argument("--max-steps", type=int, default=375, help="optimizer steps (default: 3 epochs of 2000 clips)")
+    parser.add_argument("--max-steps", type=int, default=800, help="optimizer steps (default: 6.4 epochs of 2000 clips)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-samples", type=int, default=200)
