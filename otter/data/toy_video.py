@@ -11,8 +11,8 @@ cannot beat chance (1/4, 1/2), while the clip answers every question. Answers ar
 type; the splits share no clip. Everything follows from the seed: the same arguments give byte-identical files.
 
 The files are in MIMIC-IT video form, per split: an instruction's `image_ids` are the frames of its clip, in order
-(`instructions.json`, `images.json` with base64 PNG frames, `train_config.json` with one in-context example of the
-same question type per query, which brings its own clip).
+(`instructions.json`, `images.json` with base64 PNG frames, `train_config.json` with two in-context examples of the
+same question type per query, as in the toy dataset, each bringing its own clip).
 
     paths = toy_video_dataset_paths()
     train = MimicItDataset(**paths["train"])
@@ -34,7 +34,7 @@ from PIL import Image
 from .mimicit import mimicit_paths, write_mimicit
 from .samples import InstructionSample
 from .shapes import COLOURS, SHAPES, Shape, draw_shapes
-from .toy import default_cache_dir, png_bytes
+from .toy import NUM_IN_CONTEXT, _in_context, default_cache_dir, png_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ ANSWERS = {"motion": tuple(DIRECTIONS), "size": tuple(SIZES)}
 QUESTION_TYPES = {question: kind for kind, question in QUESTIONS.items()}
 SPLITS = ("train", "heldout")
 NUM_FRAMES = 5  # odd, so that one frame, the middle one, is the clip's centre in time
-NUM_IN_CONTEXT = 1
 STEP = 0.12  # of the image side, per frame: 0.48 from the first frame to the last (two 8-pixel patches)
 GROWTH = 0.04  # of the image side, added to (or taken from) the shape's half-extent per frame
 VERSION = "1"
@@ -99,18 +98,6 @@ def _draw_split(count: int, image_size: int, rng: random.Random, forbidden: set[
     return items
 
 
-def _in_context(ids: list[str], kinds: list[str], rng: random.Random) -> dict[str, list[str]]:
-    """For each id, `NUM_IN_CONTEXT` other ids of the same question type."""
-    by_kind: dict[str, list[str]] = {}
-    for ins_id, kind in zip(ids, kinds, strict=True):
-        by_kind.setdefault(kind, []).append(ins_id)
-    chosen = {}
-    for ins_id, kind in zip(ids, kinds, strict=True):
-        drawn = rng.sample(by_kind[kind], NUM_IN_CONTEXT + 1)  # one spare, in case the query itself is drawn
-        chosen[ins_id] = [other for other in drawn if other != ins_id][:NUM_IN_CONTEXT]
-    return chosen
-
-
 def _write_split(folder: Path, split: str, items: list[tuple[str, str, list[bytes]]], meta: dict,
                  rng: random.Random) -> dict[str, Path]:
     prefix = f"TOYV_{split.upper()}"
@@ -156,7 +143,7 @@ def toy_video_dataset_paths(root: str | os.PathLike | None = None, *, num_in_con
 
     `root` defaults to `<cache>/otter/toy-video-v1` (next to the toy dataset's cache); a root without the files gets
     them built there (with the defaults, a few seconds) on first use. `num_in_context` in-context examples per
-    query (0 or 1), each with its own clip."""
+    query (0 to 2), each with its own clip."""
     root = Path(root) if root is not None else default_cache_dir().with_name(f"toy-video-v{VERSION}")
     paths = {split: mimicit_paths(root / split) for split in SPLITS}
     if not all(path.is_file() for files in paths.values() for path in files.values()):
