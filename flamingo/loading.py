@@ -133,15 +133,18 @@ def load_model(
 
 def load_processor(name: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None) -> FlamingoProcessor:
     """The processor saved with the model, or, with `tokenizer`, one built from the base LM's tokenizer (for the
-    published checkpoints, which ship none)."""
+    published checkpoints, which ship none); configured for the model's frame embeddings (`configure_for`)."""
     source = resolve(name)
-    processor_class = PROCESSOR_MAPPING[type(load_config(source))]
+    config = load_config(source)
+    processor_class = PROCESSOR_MAPPING[type(config)]
     if tokenizer is not None:
-        return processor_class.from_base_tokenizer(resolve_tokenizer(tokenizer))
-    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        processor = processor_class.from_base_tokenizer(resolve_tokenizer(tokenizer))
+    elif Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{source} has no tokenizer: pass the base language model's tokenizer "
                                 "(--tokenizer, e.g. luodian/llama-7b-hf for the published LLaMA checkpoints)")
-    return processor_class.from_pretrained(source)
+    else:
+        processor = processor_class.from_pretrained(source)
+    return processor.configure_for(config)  # clips sampled to the model's frame embeddings, refused by image models
 
 
 def resolve_tokenizer(name: str | os.PathLike) -> str:

@@ -15,9 +15,12 @@ Activation model (bytes saved for backward; `s` = bytes per element of the compu
   per forward the rotary cos/sin, `2·t·d_head·s`.
 * gated cross-attention block: `t·s·(14h + 3·d_x) + 2·t·Tk·s` and the keys/values of the images
   `2·B·Tk·d_x·s`, with `d_x` = heads·dim_head, `Tk` = images·latents.
-* perceiver block, per image: `s·(v·D + (v+l)·D + 2·(v+l)·d_p + l·(12·D + 3·d_p))` (`v` patches, `l` latents),
-  plus once the perceiver's input and output, `s·(v + l)·D` per image.
-* vision encoder layer (only when it trains), per patch token: `s·(9·D + 3·I)`.
+* perceiver block, per image: `s·(v·D + (v+l)·D + 2·(v+l)·d_p + l·(12·D + 3·d_p))` (`v` patches, times the
+  frames of a video clip, `l` latents), plus once the perceiver's input and output, `s·(v + l)·D` per image.
+* vision encoder layer (only when it trains), per patch token of every frame: `s·(9·D + 3·I)`.
+
+A video clip is one image of `F` frames (`--frames`): the vision tower and the perceiver's media grow `F` times, the
+cross-attention does not (each clip is `l` latents, as an image is).
 * loss: fp32 log-probabilities `4·t·V`, the final norm and lm_head inputs `2·s·t·h`.
 
 With gradient checkpointing only each checkpointed layer's input is kept (`s·t·h` per decoder layer and per
@@ -147,31 +150,32 @@ def xattn_block_bytes(sh: Shapes, batch: int, seq: int, images: int, s: int) -> 
     return tokens * s * (14 * sh.h + 3 * sh.d_x) + tokens * keys * 2 * s + batch * 2 * keys * sh.d_x * s
 
 
-def perceiver_block_bytes(sh: Shapes, n_images: int, s: int) -> int:
-    v, l, D, d = sh.patches, sh.latents, sh.D, sh.d_p
+def perceiver_block_bytes(sh: Shapes, n_images: int, s: int, frames: int = 1) -> int:
+    v, l, D, d = sh.patches * frames, sh.latents, sh.D, sh.d_p
     return n_images * s * (v * D + (v + l) * D + 2 * (v + l) * d + l * (12 * D + 3 * d))
 
 
-def vision_layer_bytes(sh: Shapes, n_images: int, s: int) -> int:
-    return n_images * (sh.patches + 1) * s * (9 * sh.D + 3 * sh.I)
+def vision_layer_bytes(sh: Shapes, n_frames: int, s: int) -> int:
+    return n_frames * (sh.patches + 1) * s * (9 * sh.D + 3 * sh.I)
 
 
 def activation_bytes(
     config, batch: int, seq: int, images: int, dtype: torch.dtype = torch.float32, trainable: str = "otter",
-    checkpointing: bool = False,
+    checkpointing: bool = False, frames: int = 1,
 ) -> ActivationParts:
     """The activation model: bytes saved for backward by one training step on `batch` samples of `seq` tokens and
-    `images` images each (see the module docstring for the formulas)."""
+    `images` images (or clips of `frames` frames) each (see the module docstring for the formulas)."""
     sh, s = Shapes.of(config), torch.finfo(dtype).bits // 8
     tokens, n_images = batch * seq, batch * images
+    n_frames = n_images * frames
     lm_trains, vision_trains = trainable == "all", trainable == "all"
     layer = decoder_layer_bytes(sh, tokens, s, lm_trains or trainable == "lora")
     block = xattn_block_bytes(sh, batch, seq, images, s)
-    p_block = perceiver_block_bytes(sh, n_images, s)
-    v_layer = vision_layer_bytes(sh, n_images, s) if vision_trains else 0
+    p_block = perceiver_block_bytes(sh, n_images, s, frames)
+    v_layer = vision_layer_bytes(sh, n_frames, s) if vision_trains else 0
     rotary = 2 * tokens * sh.head_dim * s
     loss = 4 * tokens * sh.vocab + 2 * s * tokens * sh.h  # fp32 log-probs; final norm and lm_head inputs
-    latents_once = n_images * sh.latents * sh.D * s + n_images * sh.patches * sh.D * s  # shared inputs
+    latents_once = n_images * sh.latents * sh.D * s + n_frames * sh.patches * sh.D * s  # shared inputs
     if not checkpointing:
         return ActivationParts({
             "vision_encoder": sh.v_layers * v_layer,
@@ -182,7 +186,7 @@ def activation_bytes(
         })
     recompute = max(layer, block, p_block, v_layer)
     return ActivationParts({
-        "vision_encoder": sh.v_layers * n_images * (sh.patches + 1) * sh.D * s if vision_trains else 0,
+        "vision_encoder": sh.v_layers * n_frames * (sh.patches + 1) * sh.D * s if vision_trains else 0,
         "perceiver": sh.p_depth * n_images * sh.latents * sh.D * s + latents_once,
         "cross_attention": sh.xattn_blocks * tokens * sh.h * s,
         "lm_decoder": sh.layers * tokens * sh.h * s + rotary,
@@ -191,22 +195,25 @@ def activation_bytes(
     })
 
 
-def inference_bytes(config, batch: int, seq: int, images: int, dtype: torch.dtype) -> int:
+def inference_bytes(config, batch: int, seq: int, images: int, dtype: torch.dtype, frames: int = 1) -> int:
     """Peak transient memory of a forward without grad: one layer's working set, the KV cache of a
-    generation of `seq` tokens, the image keys/values of each block and the last position's logits in fp32."""
+    generation of `seq` tokens, the image keys/values of each block, the vision tower's working set over every
+    frame and the last position's logits in fp32."""
     sh, s = Shapes.of(config), torch.finfo(dtype).bits // 8
     tokens = batch * seq
     working = tokens * s * (4 * sh.h + 3 * sh.i) + batch * sh.heads * seq * seq * s
     kv_cache = 2 * sh.layers * tokens * sh.heads * sh.head_dim * s
     media_kv = sh.xattn_blocks * 2 * batch * images * sh.latents * sh.d_x * s
-    vision = batch * images * (sh.patches + 1) * s * (4 * sh.D + sh.I)
+    vision = batch * images * frames * (sh.patches + 1) * s * (4 * sh.D + sh.I)
     return working + kv_cache + media_kv + max(vision, 0) + 4 * batch * sh.vocab * 2
 
 
 # ------------------------------------------------------------------------------------------------
 # Measurement (the check of the activation model)
 # ------------------------------------------------------------------------------------------------
-def measure_saved_bytes(model: nn.Module, batch: int, seq: int, images: int, checkpointing: bool = False) -> int:
+def measure_saved_bytes(
+    model: nn.Module, batch: int, seq: int, images: int, checkpointing: bool = False, frames: int = 1
+) -> int:
     """Bytes of the tensors autograd saves for backward in one training step (forward + backward), each storage
     once and parameters excluded. With gradient checkpointing: the tensors saved during the forward plus the
     largest set recomputed for one layer during the backward (the peak the activation model predicts)."""
@@ -224,7 +231,7 @@ def measure_saved_bytes(model: nn.Module, batch: int, seq: int, images: int, che
     for k in range(images):
         ids[:, k * (seq // images)] = config.media_token_id
     size = config.vision_config.image_size
-    vision_x = torch.randn(batch, images, 1, 3, size, size, generator=generator)
+    vision_x = torch.randn(batch, images, frames, 3, size, size, generator=generator)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     state = {"backward": False, "current": 0, "peak": 0, "seen": set()}
     forward_saved: dict[int, int] = {}
@@ -321,15 +328,17 @@ def _param_bytes(name: str, parameter: torch.Tensor, dtype: torch.dtype, int8: b
 def plan_memory(
     config, gpus: str = "1x80GB", mode: str = "training", dtype: str = "bf16", batch: int = 1, seq: int = 512,
     images: int = 1, strategy: str = "single", trainable: str = "otter", checkpointing: bool = False,
-    int8: bool = False, margin: float = 0.1,
+    int8: bool = False, margin: float = 0.1, frames: int = 1,
 ) -> MemoryPlan:
     """Per-GPU memory (see docs/memory.md for the assumptions). `batch` is per process: the whole batch for
-    single/device_map (one process), each GPU's batch for ddp/fsdp/zero2/zero3."""
+    single/device_map (one process), each GPU's batch for ddp/fsdp/zero2/zero3. `frames` per image: video clips
+    (at most the model's `max_num_frames`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}")
-    for name, value, least in (("batch", batch, 1), ("seq", seq, 1), ("images", images, 0)):
+    for name, value, least in (("batch", batch, 1), ("seq", seq, 1), ("images", images, 0), ("frames", frames, 1)):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
+    check_frames(config, frames)
     if not 0 <= margin < 1:
         raise ValueError(f"margin is the fraction of each GPU kept free: 0 <= margin < 1, got {margin}")
     count, capacity = parse_gpus(gpus)
@@ -353,9 +362,9 @@ def plan_memory(
     lora_w, lora_g, lora_o = lora * 4, lora * 4, lora * 8  # peft creates adapters in fp32
     act_dtype = torch_dtype
     if training:
-        acts = activation_bytes(config, batch, seq, images, act_dtype, trainable, checkpointing).parts
+        acts = activation_bytes(config, batch, seq, images, act_dtype, trainable, checkpointing, frames).parts
     else:
-        acts = {"lm_decoder": inference_bytes(config, batch, seq, images, act_dtype)}
+        acts = {"lm_decoder": inference_bytes(config, batch, seq, images, act_dtype, frames)}
     act_total = sum(acts.values())
     W, G, O = sum(weight_bytes.values()) + lora_w, sum(grad_bytes.values()) + lora_g, sum(optim_bytes.values()) + lora_o
     if strategy in ("single", "ddp"):
@@ -391,6 +400,16 @@ def plan_memory(
             gpu_list[0].gradients += lora_g
             gpu_list[0].optimizer += lora_o
     return MemoryPlan(gpu_list, capacity, margin, counts, notes)
+
+
+def check_frames(config, frames: int) -> None:
+    """A model takes at most `max_num_frames` frames per image, and one without frame embeddings only one."""
+    limit = getattr(config, "max_num_frames", None)
+    if frames > 1 and limit is None:
+        raise ValueError(f"{frames} frames per image, but this model takes images only (its config has no frame "
+                         "embeddings, max_num_frames is None); plan a video checkpoint, e.g. otter-video-llama7b")
+    if limit is not None and frames > limit:
+        raise ValueError(f"{frames} frames per image, but this model has {limit} frame embeddings (max_num_frames)")
 
 
 def _spread_activations(model, device_map, acts: dict[str, int], gpus: list[GpuMemory]) -> None:

@@ -1,8 +1,9 @@
 """Processor for Flamingo models: turns prompts with `<image>` markers and their images into the model's inputs.
 
 A prompt interleaves text and images, OpenFlamingo style: `"<image>An image of two cats.<|endofchunk|><image>An image
-of"`. Each `<image>` marker is one token and stands for the next image of that prompt; the model's cross-attention
-uses the markers' positions, while the pixels go in `vision_x` of shape `(batch, images, frames=1, 3, H, W)`.
+of"`. Each `<image>` marker is one token and stands for the next image (or video clip) of that prompt; the model's
+cross-attention uses the markers' positions, while the pixels go in `vision_x` of shape `(batch, images, frames, 3,
+H, W)`: one frame per image, a clip's frames along the third axis (`flamingo.video`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers.utils import logging
 from .configuration_flamingo import FlamingoConfig
 from .hub import export_code, processor_auto_map
 from .local_files import check_local_model
+from .video import clip_frames, is_clip, is_clip_or_image, stretch_indices
 
 logger = logging.get_logger(__name__)
 
@@ -50,6 +52,11 @@ class FlamingoProcessor(ProcessorMixin):
 
     config_class = FlamingoConfig
     default_chat_template: str | None = None
+    # What the processor knows of its model's frame embeddings, set by `configure_for(config)` (`flamingo.loading`
+    # does it): clips are sampled to `max_num_frames` frames and refused by an image model. Unset (a processor
+    # built without its model's config), clips keep their frames and the model itself refuses too many.
+    max_num_frames: int | None = None
+    images_only: bool = False
 
     def __init__(
         self,
@@ -110,6 +117,12 @@ class FlamingoProcessor(ProcessorMixin):
         export_code(save_directory, [type(self)])
         return files
 
+    def configure_for(self, config: FlamingoConfig) -> FlamingoProcessor:
+        """Take the model's frame limit from its config: `max_num_frames` frame embeddings, or none (images only)."""
+        self.max_num_frames = getattr(config, "max_num_frames", None)
+        self.images_only = self.max_num_frames is None
+        return self
+
     def _check_special_tokens(self) -> None:
         """Fail early when given a base tokenizer: without the special tokens `<image>` would be split into pieces
         and silently never reach the model as a media marker."""
@@ -165,39 +178,133 @@ class FlamingoProcessor(ProcessorMixin):
         self,
         text: str | Sequence[str] | None = None,
         images: Any = None,
+        videos: Any = None,
         return_tensors: str = "pt",
+        num_frames: int | None = None,
         **tokenizer_kwargs: Any,
     ) -> BatchFeature:
-        """Tokenize prompts (left padded) and stack their images into `vision_x`.
+        """Tokenize prompts (left padded) and stack their images and video clips into `vision_x`.
 
         `text` and `images` may also be given the other way round, `processor(images, text)`, transformers' order for
         multimodal processors: prompts are told from images by type.
 
         Args:
-            text: a prompt or a list of prompts; each `<image>` marker stands for the next image of its prompt.
+            text: a prompt or a list of prompts; each `<image>` marker stands for the next image or clip of its prompt.
             images: `None`; one image (for a single prompt); a list of images, which is split over the prompts in
                 order of their markers (for a single prompt: its images); or a list with one list of images per
                 prompt. An image is a PIL image, or a numpy array or torch tensor of shape HWC or CHW.
+            videos: clips, laid out as `images` is: one clip (for a single prompt); a list of clips split over the
+                prompts' markers; or one list of clips per prompt. A clip is a list of frames (images), an
+                `(F, H, W, C)` array or tensor, or a video file's path (read with PyAV); in a list of clips, an
+                image is a clip of one frame, which is how one prompt mixes images and clips. With both `images`
+                and `videos`, give each as one list per prompt, and each prompt its media from one of them.
             return_tensors: tensor type of `input_ids` and `attention_mask`; `vision_x` is always a torch tensor.
+            num_frames: clips with more frames are sampled down to this many, evenly, first and last kept (default:
+                `max_num_frames`, the model's frame embeddings, when `configure_for` set it; else all frames).
             tokenizer_kwargs: passed to the tokenizer (default `padding=True`; the tokenizer pads on the left).
 
         Returns:
-            `BatchFeature` with `input_ids` and `attention_mask` `(B, T)`, and, if any prompt has images, `vision_x`
-            float32 `(B, T_img, 1, 3, H, W)` with `T_img` the most images of any prompt; rows with fewer images are
-            zero-padded at the end.
+            `BatchFeature` with `input_ids` and `attention_mask` `(B, T)`, and, if any prompt has images or clips,
+            `vision_x` float32 `(B, T_img, F, 3, H, W)`, `T_img` the most media of any prompt (rows with fewer are
+            zero-padded at the end) and `F` the most frames of any clip (1 for images only). Shorter clips and
+            images are stretched to `F` frames by repeating their frames evenly (`flamingo.video.stretch_indices`).
         """
         if _is_text(images) and not _is_text(text):
             text, images = images, text
         prompts = _prompts(text, type(self).__name__)
         marker_counts = [prompt.count(MEDIA_TOKEN) for prompt in prompts]
-        images_per_prompt = self._images_per_prompt(images, marker_counts)
+        media_per_prompt = self._media_per_prompt(images, videos, marker_counts, self._num_frames(num_frames))
 
         tokenizer_kwargs = {"padding": True, **tokenizer_kwargs}
         data = dict(self.tokenizer(prompts, return_tensors=return_tensors, **tokenizer_kwargs))
         self._check_tokenized(data["input_ids"], marker_counts, tokenizer_kwargs)
-        if any(images_per_prompt):
-            data["vision_x"] = self._vision_x(images_per_prompt)
+        if any(media_per_prompt):
+            data["vision_x"] = self._vision_x(media_per_prompt)
         return BatchFeature(data=data)
+
+    def _num_frames(self, num_frames: int | None) -> int | None:
+        """The most frames a clip keeps: `num_frames`, else the model's `max_num_frames` (None: no limit known)."""
+        if num_frames is None:
+            return self.max_num_frames
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        if self.max_num_frames is not None and num_frames > self.max_num_frames:
+            raise ValueError(
+                f"num_frames={num_frames} is more than this model's {self.max_num_frames} frame embeddings "
+                f"(config.max_num_frames); use at most {self.max_num_frames}"
+            )
+        return num_frames
+
+    def _media_per_prompt(
+        self, images: Any, videos: Any, marker_counts: list[int], num_frames: int | None
+    ) -> list[list[list[Any]]]:
+        """Per prompt, per `<image>` marker, the frames of its image (one) or clip (sampled to `num_frames`)."""
+        if videos is None:
+            return [[[image] for image in row] for row in self._images_per_prompt(images, marker_counts)]
+        if images is None:
+            clips_per_prompt = self._clips_per_prompt(videos, marker_counts)
+        else:
+            clips_per_prompt = self._mixed_per_prompt(images, videos, marker_counts)
+        media = []
+        for i, clips in enumerate(clips_per_prompt):
+            row = [clip_frames(clip, num_frames, f"clip {j} of prompt {i}") for j, clip in enumerate(clips)]
+            for j, frames in enumerate(row):
+                self._check_frames(frames, f"clip {j} of prompt {i}")
+            media.append(row)
+        return media
+
+    def _check_frames(self, frames: list[Any], name: str) -> None:
+        if self.images_only and len(frames) > 1:
+            raise ValueError(
+                f"{name} has {len(frames)} frames, but this model takes images only: its config has no frame "
+                "embeddings (max_num_frames is None). Pass one frame (num_frames=1, or the frame as an image), "
+                "or use a video checkpoint (e.g. luodian/OTTER-Video-LLaMA7B-DenseCaption)."
+            )
+        for k, frame in enumerate(frames):
+            _check_image(frame, f"frame {k} of {name}")
+
+    def _clips_per_prompt(self, videos: Any, marker_counts: list[int]) -> list[list[Any]]:
+        """Normalize `videos` to one list of clips per prompt, checking it against the prompts' markers."""
+        if is_clip(videos):
+            rows = self._split_by_markers([videos], marker_counts)
+        elif isinstance(videos, (list, tuple)) and videos and all(is_clip_or_image(clip) for clip in videos):
+            rows = self._split_by_markers(list(videos), marker_counts)
+        elif isinstance(videos, (list, tuple)) and videos and all(isinstance(row, (list, tuple)) for row in videos):
+            if len(videos) != len(marker_counts):
+                raise ValueError(f"Got {len(videos)} lists of clips for {len(marker_counts)} prompts.")
+            rows = [[row] if is_clip(row) else list(row) for row in videos]
+        else:
+            raise TypeError(
+                "`videos` must be a clip (a list of frames, an (F, H, W, C) array or tensor, a video file's path), "
+                f"a list of clips, or one list of clips per prompt; got {_describe(videos)}"
+            )
+        for i, (row, count) in enumerate(zip(rows, marker_counts, strict=True)):
+            if len(row) != count:
+                hint = " (a list of images is one clip's frames)" if count > 1 and len(row) == 1 else ""
+                raise ValueError(
+                    f"Prompt {i} has {count} {MEDIA_TOKEN} marker(s) but {len(row)} clip(s) were given for it{hint}."
+                )
+        return rows
+
+    def _mixed_per_prompt(self, images: Any, videos: Any, marker_counts: list[int]) -> list[list[Any]]:
+        """`images` and `videos` both given: one list per prompt each, every prompt's media from one of them (an
+        image among the clips, a clip of one frame, is how one prompt has both, in an order that is clear)."""
+        for name, given in (("images", images), ("videos", videos)):
+            if not isinstance(given, (list, tuple)) or len(given) != len(marker_counts):
+                raise ValueError(
+                    f"With both images and videos, give each as one list per prompt ({len(marker_counts)} prompts); "
+                    f"`{name}` is {_describe(given)}"
+                )
+        image_rows = [[] if row is None else list(row) if isinstance(row, (list, tuple)) else [row] for row in images]
+        clip_rows = [[] if _is_empty(row) else [row] if is_clip(row) else list(row) for row in videos]
+        for i, (image_row, clip_row) in enumerate(zip(image_rows, clip_rows, strict=True)):
+            if image_row and clip_row:
+                raise ValueError(
+                    f"Prompt {i} got both images and clips, so which marker takes which is unclear; pass its images "
+                    "in its list of clips instead (an image there is a 1-frame clip), in the order of its markers."
+                )
+        merged = [image_row or clip_row for image_row, clip_row in zip(image_rows, clip_rows, strict=True)]
+        return self._clips_per_prompt(merged, marker_counts)
 
     def _check_tokenized(self, input_ids: Any, marker_counts: list[int], tokenizer_kwargs: dict) -> None:
         """Truncation must not cut `<image>` markers (their images would stay, attached to no token, and the model
@@ -257,14 +364,19 @@ class FlamingoProcessor(ProcessorMixin):
         starts = [sum(marker_counts[:i]) for i in range(len(marker_counts))]
         return [images[start : start + count] for start, count in zip(starts, marker_counts, strict=True)]
 
-    def _vision_x(self, images_per_prompt: list[list[Any]]) -> torch.Tensor:
-        flat = [image for row in images_per_prompt for image in row]
-        pixels = self._pixel_values(flat)
-        vision_x = pixels.new_zeros(len(images_per_prompt), max(map(len, images_per_prompt)), 1, *pixels.shape[1:])
+    def _vision_x(self, media_per_prompt: list[list[list[Any]]]) -> torch.Tensor:
+        """Per prompt, per marker, a list of frames -> `(B, T_img, F, 3, H, W)`; see `__call__` for the padding."""
+        frames = [frame for row in media_per_prompt for clip in row for frame in clip]
+        pixels = self._pixel_values(frames)
+        num_frames = max(len(clip) for row in media_per_prompt for clip in row)
+        num_images = max(map(len, media_per_prompt))
+        vision_x = pixels.new_zeros(len(media_per_prompt), num_images, num_frames, *pixels.shape[1:])
         start = 0
-        for i, row in enumerate(images_per_prompt):
-            vision_x[i, : len(row), 0] = pixels[start : start + len(row)]
-            start += len(row)
+        for i, row in enumerate(media_per_prompt):
+            for j, clip in enumerate(row):
+                stretched = [start + k for k in stretch_indices(len(clip), num_frames)]
+                vision_x[i, j] = pixels[stretched]
+                start += len(clip)
         return vision_x
 
     def _pixel_values(self, images: list[Any]) -> torch.Tensor:
@@ -346,6 +458,16 @@ def _prompts(text: Any, processor_name: str) -> list[str]:
         if not isinstance(prompt, str):
             raise TypeError(f"Prompt {i} is a {type(prompt).__name__}, not a string.")
     return prompts
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple)) and not value)
+
+
+def _describe(value: Any) -> str:
+    shape = f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else ""
+    size = f" of {len(value)}" if isinstance(value, (list, tuple)) else ""
+    return f"a {type(value).__name__}{shape}{size}"
 
 
 def _is_text(value: Any) -> bool:

@@ -3,9 +3,11 @@
     otter-chat --image cat.jpg                              # the first question is about cat.jpg
     otter-chat --image a.jpg --image b.jpg --example shot.jpg "What is it?" "A dog." --num-beams 1
     otter-chat --api http://127.0.0.1:8000 --image cat.jpg   # answers from a running otter-serve
+    otter-chat --model <video model> --video clip.mp4       # a video (PyAV); --frame a.png --frame b.png: a clip
 
 Without `--image`, the first question is about a drawn yellow triangle (as in `otter-generate`). In the prompt loop,
-`/image PATH` attaches an image to the next question, `/clear` starts over, `/quit` or Ctrl-D ends; Ctrl-C stops an
+`/image PATH` attaches an image (or, for a video file, its clip) to the next question, `/frames P1 P2 ...` a clip of those
+images, `/clear` starts over, `/quit` or Ctrl-D ends; Ctrl-C stops an
 answer (keeping what was written). Follow-up questions without an image are about the last image.
 """
 
@@ -28,7 +30,8 @@ if TYPE_CHECKING:  # otter.conversation imports torch: imported where a conversa
 
     from otter.conversation import ChatModel, Conversation
 
-HELP = "/image PATH attaches an image to the next question, /clear starts over, /quit ends; Ctrl-C stops an answer."
+HELP = ("/image PATH attaches an image or a video file to the next question, /frames P1 P2 ... a clip of those images, "
+        "/clear starts over, /quit ends; Ctrl-C stops an answer.")
 
 
 def print_streamed(texts: Iterable[str]) -> str:
@@ -66,7 +69,7 @@ def reply(chat: ChatModel, conversation: Conversation, settings: GenerationSetti
 def chat_loop(chat: ChatModel, conversation: Conversation, images: list[Image.Image],
               settings: GenerationSettings) -> None:
     """Read questions and commands until /quit or end of input; `images` go with the first question."""
-    from otter.conversation import Conversation, InputError, load_image
+    from otter.conversation import Conversation, InputError, load_image, load_media
 
     while True:
         try:
@@ -79,10 +82,13 @@ def chat_loop(chat: ChatModel, conversation: Conversation, images: list[Image.Im
         if line == "/clear":
             conversation, images = Conversation(examples=conversation.examples), []
             print("(new conversation; attach an image with /image PATH)")
-        elif line.startswith("/image"):
+        elif line.startswith(("/image", "/frames")):
             try:
-                images.append(load_image(line.removeprefix("/image").strip()))
-                print(f"({len(images)} image(s) for the next question)")
+                if line.startswith("/image"):
+                    images.append(load_media(line.removeprefix("/image").strip()))
+                else:
+                    images.append(tuple(load_image(path) for path in line.removeprefix("/frames").split()))
+                print(f"({len(images)} image(s) for the next question)")  # a clip counts as one
             except InputError as error:
                 print(error)
         elif line.startswith("/"):
@@ -104,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_api_arguments(parser)
     parser.add_argument("--image", type=Path, action="append", default=[],
                         help="an image for the first question (repeat for several)")
+    parser.add_argument("--video", type=Path, action="append", default=[],
+                        help="a video file for the first question, read with PyAV (pip install '.[video]')")
+    parser.add_argument("--frame", type=Path, action="append", default=[],
+                        help="a frame of one clip for the first question (repeat, in order)")
     parser.add_argument("--example", nargs=3, action="append", default=[], metavar=("IMAGE", "QUESTION", "ANSWER"),
                         help="an in-context example put before the conversation (repeat for several)")
     add_generation_arguments(parser.add_argument_group("generation"))
@@ -114,12 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _main(argv: list[str]) -> None:
     args = parse_args(argv)
     logging.getLogger().setLevel(logging.WARNING)
-    from otter.conversation import Conversation, Example, load_chat_model_from_args, load_image
+    from otter.conversation import Conversation, Example, load_chat_model_from_args, load_image, load_video
     from otter.data.shapes import draw_shape
 
     examples = [Example.create(load_image(image), question, answer, f"--example {number}")
                 for number, (image, question, answer) in enumerate(args.example, 1)]
-    images = [load_image(path) for path in args.image]
+    images = [load_image(path) for path in args.image] + [load_video(path) for path in args.video]
+    if args.frame:
+        images.append(tuple(load_image(path) for path in args.frame))
     chat = connect(args.api, args.api_key) if args.api else load_chat_model_from_args(args)
     if not images:
         images = [draw_shape("triangle", "yellow", chat.image_size)]

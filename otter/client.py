@@ -35,14 +35,20 @@ def image_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def media_part(media: Image.Image | tuple[Image.Image, ...]) -> dict:
+    """An image's `image_url` part, or a clip's `video` part (its frames as image URLs; see `otter.server.Video`)."""
+    if isinstance(media, tuple):
+        return {"type": "video", "video": {"frames": [image_url(frame) for frame in media]}}
+    return {"type": "image_url", "image_url": {"url": image_url(media)}}
+
+
 def openai_messages(conversation: Conversation) -> list[dict]:
     """The conversation as chat-completions messages, in-context examples first (`Conversation.messages`, with
     each `{"type": "image"}` part replaced by its image)."""
     images = iter(conversation.images())
     messages = []
     for message in conversation.messages():
-        content = [{"type": "image_url", "image_url": {"url": image_url(next(images))}} if part["type"] == "image"
-                   else part for part in message["content"]]
+        content = [media_part(next(images)) if part["type"] == "image" else part for part in message["content"]]
         messages.append({"role": message["role"], "content": content})
     return messages
 

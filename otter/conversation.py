@@ -9,7 +9,8 @@ The prompt is Otter's chunk format, rendered by the processor's chat template:
     <image><image>User: {question 3} GPT:<answer>                                    the question being answered
 
 Every attached image becomes one `<image>` marker at the start of its turn, so the prompt always holds exactly as
-many markers as images (the model refuses anything else). A follow-up question without a new image adds no
+many markers as images (the model refuses anything else). A video clip attached to a turn (a tuple of its frames,
+for a model with frame embeddings) is one marker too, like an image. A follow-up question without a new image adds no
 marker: its text attends to the latest image before it, i.e. it is about the last image shown, as in Otter's own
 demo. With several images in one turn, the question attends to the last of them (Flamingo's cross-attention sees
 one image per token); the earlier ones reach it only through self-attention to their own `<image>` tokens.
@@ -35,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from flamingo.loading import load_model_and_processor
+from flamingo.video import media_kwargs
 from otter import OtterConfig, OtterModel, OtterProcessor
 from otter.defaults import default_model
 from otter.settings import GenerationSettings
@@ -43,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 MAX_IMAGE_MB = 20
 MAX_IMAGE_SIDE = 8192
+MAX_VIDEO_MB = 200
+VIDEO_FRAMES = 16  # frames read from an attached video file, as Otter's video demo did; the processor may keep fewer
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif", ".m4v")
 
 
 class InputError(ValueError):
@@ -64,6 +69,32 @@ def load_image(path: str | Path) -> Image.Image:
     except OSError as error:
         raise InputError(f"Cannot read {path.name}: {error.strerror}.") from error
     return _decode_image(path, size, path.name)
+
+
+def is_video_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def load_video(path: str | Path, num_frames: int = VIDEO_FRAMES) -> tuple[Image.Image, ...]:
+    """A video file's clip: `num_frames` frames sampled evenly, first and last kept (PyAV: the `video` extra)."""
+    from flamingo.video import read_video
+
+    path = Path(path)
+    try:
+        megabytes = path.stat().st_size / 2**20
+    except OSError as error:
+        raise InputError(f"Cannot read {path.name}: {error.strerror}.") from error
+    if megabytes > MAX_VIDEO_MB:
+        raise InputError(f"{path.name} is {megabytes:.0f} MB; videos are limited to {MAX_VIDEO_MB} MB.")
+    try:
+        return tuple(read_video(path, num_frames, path.name))
+    except (ValueError, ImportError) as error:
+        raise InputError(str(error)) from error
+
+
+def load_media(path: str | Path) -> Image.Image | tuple[Image.Image, ...]:
+    """An attached file: a video file's clip (by its suffix), else an image."""
+    return load_video(path) if is_video_file(path) else load_image(path)
 
 
 def image_from_bytes(data: bytes, name: str) -> Image.Image:
@@ -124,12 +155,16 @@ class Example:
         return cls(image, check_text(question, f"question of {name}"), check_text(answer, f"answer of {name}"))
 
 
+# What one `<image>` marker of a turn stands for: an image, or a video clip as the tuple of its frames.
+Media = Image.Image | tuple[Image.Image, ...]
+
+
 @dataclass(frozen=True)
 class Turn:
-    """A question with the images attached to it and, once generated, its answer."""
+    """A question with the images (or clips) attached to it and, once generated, its answer."""
 
     question: str
-    images: tuple[Image.Image, ...] = ()
+    images: tuple[Media, ...] = ()
     answer: str | None = None
 
 
@@ -150,14 +185,18 @@ class Conversation:
         """The same turns after other in-context examples (they prefix the whole conversation)."""
         return replace(self, examples=tuple(examples))
 
-    def ask(self, question: str, images: Sequence[Image.Image] = ()) -> Conversation:
-        """Add a question (pending until `answer`). Without images it is a follow-up about the last image."""
+    def ask(self, question: str, images: Sequence[Media] = ()) -> Conversation:
+        """Add a question (pending until `answer`). Without images it is a follow-up about the last image. A clip
+        (a tuple of frames) counts as one image."""
         question = check_text(question, "question")
         if self.pending:
             raise InputError("Wait for the answer to the last question (or stop it) before asking another one.")
         if not images and not any(turn.images for turn in self.turns):
             raise InputError("Attach an image to your first question: Otter answers questions about images.")
-        return replace(self, turns=(*self.turns, Turn(question, tuple(images))))
+        if any(isinstance(media, (tuple, list)) and not media for media in images):
+            raise InputError("A video clip without frames was attached; attach at least one frame.")
+        media = tuple(tuple(item) if isinstance(item, (tuple, list)) else item for item in images)
+        return replace(self, turns=(*self.turns, Turn(question, media)))
 
     def answer(self, text: str) -> Conversation:
         """Complete the pending question with its answer."""
@@ -181,8 +220,8 @@ class Conversation:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return messages
 
-    def images(self) -> list[Image.Image]:
-        """All images in the order of their `<image>` markers in the prompt."""
+    def images(self) -> list[Media]:
+        """All images and clips in the order of their `<image>` markers in the prompt."""
         return [example.image for example in self.examples] + [image for turn in self.turns for image in turn.images]
 
     def prompt(self, processor: OtterProcessor) -> str:
@@ -245,7 +284,8 @@ class ChatModel:
         if not conversation.pending:
             raise ValueError("the conversation has no question to answer")
         try:
-            inputs = self.processor(text=conversation.prompt(self.processor), images=conversation.images() or None)
+            media = conversation.images()
+            inputs = self.processor(text=conversation.prompt(self.processor), **(media_kwargs([media]) if media else {}))
         except ValueError as error:  # the processor's refusals (a prompt past the context, images it cannot use)
             raise InputError(str(error)) from error
         length, context = inputs["input_ids"].shape[1], self.model.config.context_length
@@ -303,4 +343,4 @@ def load_chat_model_from_args(args: argparse.Namespace) -> ChatModel:
 
 
 __all__ = ["ChatModel", "Conversation", "Example", "GenerationError", "GenerationSettings", "InputError", "Turn",
-           "image_from_bytes", "load_chat_model", "load_image"]
+           "image_from_bytes", "load_chat_model", "load_image", "load_media", "load_video"]

@@ -3,9 +3,9 @@
 import string
 
 import torch
-from PIL import Image
 
-from otter.data.samples import InstructionSample
+from flamingo.video import media_kwargs
+from otter.data.samples import InstructionSample, blank_like
 from otter.modeling_otter import OtterModel
 from otter.processing_otter import OtterProcessor, build_prompt
 
@@ -26,8 +26,8 @@ def generate_answers(model: OtterModel, processor: OtterProcessor, samples: list
         prompts = [build_prompt(s.chunks[-1][0], s.chunks[:-1]) for s in batch]
         images = [s.load_images() for s in batch]
         if blank_images:
-            images = [[Image.new("RGB", image.size, (128, 128, 128)) for image in row] for row in images]
-        inputs = processor(text=prompts, images=images).to(model.device)
+            images = [[blank_like(media) for media in row] for row in images]
+        inputs = processor(text=prompts, **media_kwargs(images)).to(model.device)
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=processor.pad_token_id)
         answers += processor.decode_answers(generated, prompt_length=inputs["input_ids"].shape[1])

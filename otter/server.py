@@ -42,6 +42,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from flamingo.video import stretch_indices
 from otter.client import API_KEY_ENV
 from otter.conversation import (
     MAX_IMAGE_MB,
@@ -87,11 +88,20 @@ class ImageURL(BaseModel):
     detail: Literal["auto", "low", "high"] = "auto"  # accepted for compatibility; Otter sees one resolution
 
 
+class Video(BaseModel):
+    """A video clip as its frames, in order, each an image URL as in `image_url` (data:, or http(s)/local where the
+    server allows them): `{"type": "video", "video": {"frames": ["data:image/png;base64,...", ...]}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    frames: list[str] = Field(min_length=1)
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video: Video | None = None
 
 
 class Message(BaseModel):
@@ -193,10 +203,10 @@ def _data_url_bytes(url: str, name: str) -> bytes:
 def conversation_from_messages(messages: Sequence[Message], images: ImageSource, max_images: int) -> Conversation:
     """Alternating user and assistant messages ending with a user message, as a `Conversation` whose last question
     is pending; the checks of `Conversation.ask` (text, first image) apply to every user message."""
-    count = sum(_is_image(part) for message in messages for part in _parts(message))
+    count = sum(_image_count(part) for message in messages for part in _parts(message))
     if count > max_images:
         raise InputError(f"The messages hold {count} images; this server accepts at most {max_images} per request "
-                         "(--max-images), one <image> per image in the prompt.")
+                         "(--max-images; a video's frames count one each), one <image> per image in the prompt.")
     conversation = Conversation()
     for number, message in enumerate(messages):
         where = f"messages[{number}]"
@@ -213,7 +223,7 @@ def conversation_from_messages(messages: Sequence[Message], images: ImageSource,
                 raise InputError(f"{where}: an assistant message cannot hold images.")
             conversation = conversation.answer(" ".join(texts))
         else:
-            loaded = [images.load(url, name) for name, url in image_urls]
+            loaded = [_load_media(images, name, url) for name, url in image_urls]
             conversation = conversation.ask(" ".join(texts), loaded)
     if not conversation.pending:
         raise InputError("The last message must be a user message (the question to answer).")
@@ -224,12 +234,21 @@ def _parts(message: Message) -> list[ContentPart]:
     return [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
 
 
-def _is_image(part: ContentPart) -> bool:
-    return part.type == "image_url"
+def _image_count(part: ContentPart) -> int:
+    if part.type == "video":
+        return len(part.video.frames) if part.video is not None else 0
+    return int(part.type == "image_url")
 
 
-def _split_content(message: Message, where: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """The texts, and the (name for errors, URL) of the images, of one message."""
+def _load_media(images: ImageSource, name: str, url: str | list[str]) -> Image.Image | tuple[Image.Image, ...]:
+    """An image, or a video part's frames (a clip: one <image> marker)."""
+    if isinstance(url, str):
+        return images.load(url, name)
+    return tuple(images.load(frame, f"{name}.video.frames[{k}]") for k, frame in enumerate(url))
+
+
+def _split_content(message: Message, where: str) -> tuple[list[str], list[tuple[str, str | list[str]]]]:
+    """The texts, and the (name for errors, URL, or a video's frame URLs) of the images, of one message."""
     texts, image_urls = [], []
     for index, part in enumerate(_parts(message)):
         name = f"{where}.content[{index}]"
@@ -237,6 +256,10 @@ def _split_content(message: Message, where: str) -> tuple[list[str], list[tuple[
             if part.text is None:
                 raise InputError(f"{name} is a text part without 'text'.")
             texts.append(part.text)
+        elif part.type == "video":
+            if part.video is None:
+                raise InputError(f"{name} is a video part without 'video' (expected {{\"frames\": [url, ...]}}).")
+            image_urls.append((name, part.video.frames))
         elif part.image_url is None:
             raise InputError(f"{name} is an image_url part without 'image_url'.")
         else:
@@ -578,7 +601,8 @@ def _as_list(value: int | list[int] | None) -> list[int]:
 
 def left_pad(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One-row model inputs -> a batch: `input_ids` and `attention_mask` padded on the left (generation appends on
-    the right), `vision_x` zero-padded to the most images of any row (padding images are never attended)."""
+    the right), `vision_x` zero-padded to the most images of any row (padding images are never attended) and its
+    clips stretched to the most frames of any row, as `FlamingoProcessor` does within a batch."""
     length = max(row["input_ids"].shape[1] for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -590,10 +614,12 @@ def left_pad(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str
     with_images = [row["vision_x"] for row in rows if "vision_x" in row]
     if with_images:
         most = max(vision_x.shape[1] for vision_x in with_images)
-        vision_x = with_images[0].new_zeros((len(rows), most, *with_images[0].shape[2:]))
+        frames = max(vision_x.shape[2] for vision_x in with_images)  # video rows: the processor's frame padding
+        vision_x = with_images[0].new_zeros((len(rows), most, frames, *with_images[0].shape[3:]))
         for index, row in enumerate(rows):
             if "vision_x" in row:
-                vision_x[index, : row["vision_x"].shape[1]] = row["vision_x"][0]
+                own = row["vision_x"][0]
+                vision_x[index, : own.shape[0]] = own[:, stretch_indices(own.shape[1], frames)]
         batch["vision_x"] = vision_x
     return batch
 

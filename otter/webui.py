@@ -23,6 +23,7 @@ from otter.conversation import (
     GenerationError,
     InputError,
     load_image,
+    load_media,
 )
 from otter.data.shapes import draw_shape
 from otter.data.toy import POSITIONS, QUESTIONS
@@ -64,7 +65,7 @@ class Demo:
         message = message or {}
         files = list(message.get("files") or [])
         try:
-            images = [load_image(path) for path in files]
+            images = [load_media(path) for path in files]  # a video file: its clip, one <image> marker
             conversation = conversation.with_examples(examples_from_slots(slots)).ask(message.get("text") or "", images)
         except InputError as error:
             raise gr.Error(str(error)) from None
@@ -121,7 +122,7 @@ class Demo:
                     chatbot = gr.Chatbot(label="Conversation", height=600, elem_id="chatbot", feedback_options=None,
                                          buttons=["copy", "copy_all"])
                     message = gr.MultimodalTextbox(
-                        file_types=["image"], file_count="multiple", label="Question", show_label=False,
+                        file_types=["image", "video"], file_count="multiple", label="Question", show_label=False,
                         elem_id="message", placeholder=f"Ask about the images (attach up to {MAX_IMAGE_MB} MB, "
                         f"{MAX_IMAGE_SIDE} px a side, with the clip)")
                     with gr.Row():

@@ -26,10 +26,14 @@ TINY_SPLICE = dict(cross_attn_every_n_layers=2, perceiver_depth=2, perceiver_hea
 CONFIGS = {
     "tiny-flamingo": FlamingoConfig(vision_config=TINY_VISION, text_config={**TINY_TEXT, "vocab_size": 594}, **TINY_SPLICE),
     "tiny-otter": OtterConfig(vision_config=TINY_VISION, text_config={**TINY_TEXT, "vocab_size": 595}, **TINY_SPLICE),
+    # The tiny Otter with 8 frame embeddings, for video (the toy video task, otter/data/toy_video.py).
+    "tiny-otter-video": OtterConfig(vision_config=TINY_VISION, text_config={**TINY_TEXT, "vocab_size": 595}, max_num_frames=8, **TINY_SPLICE),
     # luodian/openflamingo-9b-hf: OpenFlamingo-9B v1, LLaMA-7B + 3 added tokens.
     "openflamingo-9b-llama": FlamingoConfig(vision_config=CLIP_VIT_L_14, text_config={**LLAMA_7B, "vocab_size": 32003}, cross_attn_every_n_layers=4),
     # luodian/otter-9b-hf, OTTER-Image-LLaMA7B-LA-InContext: + <answer>.
     "otter-9b-llama": OtterConfig(vision_config=CLIP_VIT_L_14, text_config={**LLAMA_7B, "vocab_size": 32004}, cross_attn_every_n_layers=4),
+    # luodian/OTTER-Video-LLaMA7B-DenseCaption: the same + 128 frame embeddings (perceiver.frame_embs [128, 1024]).
+    "otter-video-llama7b": OtterConfig(vision_config=CLIP_VIT_L_14, text_config={**LLAMA_7B, "vocab_size": 32004}, cross_attn_every_n_layers=4, max_num_frames=128),
     # OpenFlamingo-9B v2 (MPT-7B): gpt-neox-20b's 50277 tokens + 3; resize_token_embeddings shrank wte to 50280.
     "openflamingo-9b-mpt7b": FlamingoConfig(vision_config=CLIP_VIT_L_14, text_config={**MPT_7B, "vocab_size": 50280}, cross_attn_every_n_layers=4),
     # OTTER-Image-MPT7B: wte padded back to 50432 rows, so the ids must be stored.

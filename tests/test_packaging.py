@@ -117,6 +117,6 @@ def test_an_error_is_one_line_and_debug_shows_the_traceback(wheel_env):
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
     assert lines == ["otter-generate: error: model folder './no/such/folder' does not exist (nor is it a shipped "
                      "config: openflamingo-9b-llama, openflamingo-9b-mpt7b, otter-9b-llama, otter-9b-mpt7b, "
-                     "tiny-flamingo, tiny-otter) (--debug for the traceback)"], missing.stderr
+                     "otter-video-llama7b, tiny-flamingo, tiny-otter, tiny-otter-video) (--debug for the traceback)"], missing.stderr
     debug = run_installed(wheel_env, "otter-generate", "--model", "./no/such/folder", "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr

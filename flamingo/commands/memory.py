@@ -2,6 +2,7 @@
 context), and whether it fits. The planner is `flamingo.memory`; docs/memory.md states its assumptions.
 
     flamingo-memory otter-9b-llama --gpus 4x24GB --mode training --strategy device_map --batch 4
+    flamingo-memory otter-video-llama7b --gpus 1x80GB --frames 16    # one 16-frame clip per sample
 
 Exit status 0 if it fits, 1 if not.
 """
@@ -29,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--batch", type=int_at_least(1), default=1, help="per process (the whole batch for single/device_map)")
     parser.add_argument("--seq", type=int_at_least(1), default=512, help="text tokens per sample")
-    parser.add_argument("--images", type=int_at_least(0), default=1, help="images per sample")
+    parser.add_argument("--images", type=int_at_least(0), default=1, help="images (or video clips) per sample")
+    parser.add_argument("--frames", type=int_at_least(1), default=1,
+                        help="frames per image: video clips, at most the model's max_num_frames (default 1: images)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="single")
     parser.add_argument("--trainable", choices=TRAINABLE_SETS, default="otter")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
@@ -52,10 +55,10 @@ def _main(argv: list[str]) -> int:
     plan = plan_memory(
         load_config(args.model), gpus=args.gpus, mode=args.mode, dtype=args.dtype, batch=args.batch, seq=args.seq,
         images=args.images, strategy=args.strategy, trainable=args.trainable, checkpointing=args.gradient_checkpointing,
-        int8=args.int8, margin=args.margin,
+        int8=args.int8, margin=args.margin, frames=args.frames,
     )
     print(f"{args.model}: {args.mode}, {args.dtype}, strategy {args.strategy}, {args.gpus}, batch {args.batch}, "
-          f"seq {args.seq}, images {args.images}, trainable {args.trainable}, "
+          f"seq {args.seq}, images {args.images}, frames {args.frames}, trainable {args.trainable}, "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, int8 {'on' if args.int8 else 'off'}")
     print(format_counts(plan.counts))
     print(plan.table())

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+
+from flamingo.video import media_kwargs
 
 from ..processing_otter import OtterProcessor
-from .samples import BadImageError, InstructionSample, describe_counts
+from .samples import BadImageError, InstructionSample, Media, describe_counts
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,12 @@ def build_labels(input_ids: torch.Tensor, processor: OtterProcessor) -> torch.Te
 
 @dataclass(frozen=True)
 class PreparedSample:
-    """A sample ready to batch: its training text (fitted to `max_length`) and its decoded images."""
+    """A sample ready to batch: its training text (fitted to `max_length`) and its decoded images (a video chunk's:
+    the list of its frames)."""
 
     sample_id: str
     text: str
-    images: list[Image.Image]
+    images: list[Media]
 
 
 class UsableSamples(torch.utils.data.Dataset):
@@ -121,13 +123,14 @@ class UsableSamples(torch.utils.data.Dataset):
 
 
 class OtterCollator:
-    """`PreparedSample`s -> `input_ids`, `attention_mask`, `vision_x` `(B, T_img, 1, 3, H, W)` and `labels`,
-    padded on the right (each row's positions start at 0, as in training without `position_ids`)."""
+    """`PreparedSample`s -> `input_ids`, `attention_mask`, `vision_x` `(B, T_img, F, 3, H, W)` and `labels`,
+    padded on the right (each row's positions start at 0, as in training without `position_ids`). `F` is 1 for
+    images; with clips in the batch, the most frames of any clip (`flamingo.video.media_kwargs`)."""
 
     def __init__(self, processor: OtterProcessor):
         self.processor = processor
 
     def __call__(self, samples: Sequence[PreparedSample]) -> dict[str, torch.Tensor]:
-        batch = self.processor(text=[s.text for s in samples], images=[s.images for s in samples],
+        batch = self.processor(text=[s.text for s in samples], **media_kwargs([s.images for s in samples]),
                                padding_side="right", return_tensors="pt")
         return {**batch, "labels": build_labels(batch["input_ids"], self.processor)}

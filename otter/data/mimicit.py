@@ -5,8 +5,11 @@
     train config: {INS_ID: [in-context INS_IDs]}  (optional)
 
 As in Otter, the train config's keys are the queries (without it, every instruction is) and its lists are each
-query's in-context examples (without it, the instruction's `rel_ins_ids`). Every chunk has exactly one image, so
-multi-image instructions (video frames, spot-the-difference pairs) are skipped and counted.
+query's in-context examples (without it, the instruction's `rel_ins_ids`). Every chunk has one `<image>` marker: one
+image, or one video clip whose frames are the instruction's `image_ids`, in order (MIMIC-IT's video subsets: DC,
+E4D, FunQA, TVC; also SD's image pairs and SN's views, as Otter reads them). Whether an instruction with several
+image ids is a clip follows its id's prefix (`VIDEO_PREFIXES`) unless `clips=` says; otherwise it is skipped and
+counted (`multiple_images`). An in-context example brings its own clip.
 """
 
 from __future__ import annotations
@@ -18,9 +21,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .samples import EncodedImage, InstructionDataset, InstructionSample, text_problem
+from flamingo.video import sample_frame_indices
+
+from .samples import EncodedImage, InstructionDataset, InstructionSample, MediaSource, text_problem
 
 PathLike = str | os.PathLike
+# The MIMIC-IT subsets whose instructions' image ids are the frames of one clip (Otter's `3e7e4a7` reader).
+VIDEO_PREFIXES = ("DC", "E4D", "FunQA", "SD", "SN", "TVC")
+
+
+def is_video_id(instruction_id: str) -> bool:
+    """Whether an instruction id belongs to a MIMIC-IT subset of clips (`DC_INS_00001`, `E4D_...`)."""
+    return instruction_id.split("_", 1)[0] in VIDEO_PREFIXES
 
 
 def mimicit_paths(folder: PathLike) -> dict[str, Path]:
@@ -79,8 +91,9 @@ def read_images(path: PathLike) -> dict[str, str]:
     return images
 
 
-def row_problem(row: Any, images: dict[str, str]) -> str | None:
-    """Why an instruction row cannot be a chunk (the bad-row reason), or None if it can."""
+def row_problem(row: Any, images: dict[str, str], clip: bool = False) -> str | None:
+    """Why an instruction row cannot be a chunk (the bad-row reason), or None if it can. With `clip`, several image
+    ids are the frames of one clip, and a clip with a frame missing is a bad clip (`missing_frame`)."""
     if not isinstance(row, dict):
         return "unknown_instruction_id" if row is None else "malformed_row"
     if problem := text_problem(row, "instruction") or text_problem(row, "answer"):
@@ -90,11 +103,12 @@ def row_problem(row: Any, images: dict[str, str]) -> str | None:
         return "malformed_row"  # a bare string would otherwise read as one image id per character
     if not image_ids:
         return "no_image"
-    if len(image_ids) > 1:
+    if len(image_ids) > 1 and not clip:
         return "multiple_images"
-    if image_ids[0] not in images:
-        return "missing_image"
-    if not isinstance(images[image_ids[0]], str):
+    missing = [image_id for image_id in image_ids if image_id not in images]
+    if missing:
+        return "missing_frame" if len(image_ids) > 1 else "missing_image"
+    if not all(isinstance(images[image_id], str) for image_id in image_ids):
         return "bad_base64"
     return None
 
@@ -110,6 +124,10 @@ class MimicItDataset(InstructionDataset):
         num_in_context: at most this many in-context examples per query, a seeded random subset kept in order
             (None: all of them; 0: zero-shot).
         seed: seeds that choice, per query, so it does not depend on the order or number of queries.
+        clips: whether an instruction with several image ids is one clip of those frames (True), or skipped
+            (False); None: a clip when its id has a MIMIC-IT video prefix (`VIDEO_PREFIXES`).
+        num_frames: a longer clip keeps this many of its frames, evenly spaced, first and last included (None:
+            all; the processor still samples them down to the model's frame embeddings).
     """
 
     def __init__(
@@ -121,6 +139,8 @@ class MimicItDataset(InstructionDataset):
         max_examples: int | None = None,
         num_in_context: int | None = None,
         seed: int = 0,
+        clips: bool | None = None,
+        num_frames: int | None = None,
     ):
         instructions = read_json(instructions_path)
         if not isinstance(instructions, dict) or not isinstance(instructions.get("data"), dict):
@@ -135,13 +155,17 @@ class MimicItDataset(InstructionDataset):
             )
         self._num_in_context = num_in_context
         self._seed = seed
+        self._clips = clips
+        if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        self._num_frames = num_frames
 
         bad_rows: Counter[str] = Counter()
         samples: list[InstructionSample] = []
         for query_id in self._train_config if self._train_config is not None else self._rows:
             if max_examples is not None and len(samples) >= max_examples:
                 break
-            problem = row_problem(self._rows.get(query_id), self._images)
+            problem = self._problem(query_id)
             if problem:
                 bad_rows[problem] += 1
                 continue
@@ -152,9 +176,7 @@ class MimicItDataset(InstructionDataset):
         """The query with its usable in-context examples; dropped examples are counted as `in_context_<reason>`."""
         examples = []
         for example_id in self._in_context_ids(query_id):
-            problem = (
-                "self_reference" if example_id == query_id else row_problem(self._rows.get(example_id), self._images)
-            )
+            problem = "self_reference" if example_id == query_id else self._problem(example_id)
             if problem:
                 bad_rows[f"in_context_{problem}"] += 1
             else:
@@ -164,8 +186,21 @@ class MimicItDataset(InstructionDataset):
         return InstructionSample(
             sample_id=query_id,
             chunks=[(str(row["instruction"]).strip(), str(row["answer"]).strip()) for row in rows],
-            images=[EncodedImage(self._images[row["image_ids"][0]]) for row in rows],
+            images=[self._media(row["image_ids"]) for row in rows],
         )
+
+    def _is_clip(self, instruction_id: str) -> bool:
+        return self._clips if self._clips is not None else is_video_id(instruction_id)
+
+    def _problem(self, instruction_id: str) -> str | None:
+        return row_problem(self._rows.get(instruction_id), self._images, self._is_clip(instruction_id))
+
+    def _media(self, image_ids: list[str]) -> MediaSource:
+        """One image, or the frames of one clip (a tuple), sampled to `num_frames`; still encoded."""
+        if len(image_ids) == 1:
+            return EncodedImage(self._images[image_ids[0]])
+        kept = sample_frame_indices(len(image_ids), self._num_frames or len(image_ids))
+        return tuple(EncodedImage(self._images[image_ids[i]]) for i in kept)
 
     def _in_context_ids(self, query_id: str) -> list[str]:
         ids = self._train_config[query_id] if self._train_config is not None else self._rows[query_id].get("rel_ins_ids")

@@ -13,8 +13,14 @@
       - type: multi_instruct
         tsv_path: vqa.tsv
         weight: 1
+      - type: mimicit         # a video dataset: each instruction's image_ids are the frames of one clip
+        instructions_path: DC/DC_instructions.json
+        images_path: DC/DC.json
+        clips: true           # default: by the ids' MIMIC-IT prefix (DC, E4D, FunQA, SD, SN, TVC)
+        num_frames: 8         # optional: frames kept per clip, evenly spaced, first and last included
 
-Index `i` of the mixture is fixed by the seed: which component it comes from is drawn with probability
+Image and video datasets mix freely: a batch with clips stretches its images to the clips' frames (see
+`flamingo.video`). Index `i` of the mixture is fixed by the seed: which component it comes from is drawn with probability
 proportional to the weights, and each component is walked through in a seeded random order (reshuffled each time it
 is exhausted), so the same file gives the same samples in every process.
 """

@@ -24,6 +24,10 @@ from ..processing_otter import build_prompt, chunk
 logger = logging.getLogger(__name__)
 
 ImageSource = Callable[[], Image.Image] | Image.Image
+# What one chunk's `<image>` marker stands for: an image, or a video clip as the tuple of its frames, in order.
+MediaSource = ImageSource | tuple[ImageSource, ...]
+# The same, decoded: an image, or a clip's frames.
+Media = Image.Image | list[Image.Image]
 
 
 class BadRowError(ValueError):
@@ -79,15 +83,15 @@ def decode_image(raw: bytes) -> Image.Image:
 
 @dataclass
 class InstructionSample:
-    """One training/eval example: in-context chunks followed by the query chunk; one image per chunk.
+    """One training/eval example: in-context chunks followed by the query chunk; one image or clip per chunk.
 
     `images` holds, per chunk, a PIL image or a zero-argument callable returning one (e.g. an `EncodedImage`), so
-    that decoding waits until `load_images()`.
+    that decoding waits until `load_images()`; or, for a video chunk, a tuple of those: the clip's frames.
     """
 
     sample_id: str
     chunks: list[tuple[str, str]]
-    images: list[ImageSource]
+    images: list[MediaSource]
 
     def __post_init__(self) -> None:
         if not self.chunks:
@@ -120,15 +124,31 @@ class InstructionSample:
         template rendered with every assistant turn."""
         return "".join(chunk(question, answer) for question, answer in self.chunks)
 
-    def load_images(self) -> list[Image.Image]:
-        """Decode the images, one per chunk; raises `BadImageError` for one that cannot be read."""
-        return [image if isinstance(image, Image.Image) else image() for image in self.images]
+    @property
+    def has_clips(self) -> bool:
+        return any(isinstance(media, tuple) for media in self.images)
+
+    def load_images(self) -> list[Media]:
+        """Decode the media, one per chunk: an image, or a clip's list of frames; raises `BadImageError` for an
+        image or frame that cannot be read (which makes the whole clip unusable)."""
+        return [[_load(frame) for frame in media] if isinstance(media, tuple) else _load(media) for media in self.images]
 
     def drop_examples(self, count: int) -> InstructionSample:
         """The sample without its first `count` in-context chunks (the query is always kept)."""
         if not 0 <= count < len(self.chunks):
             raise ValueError(f"can drop 0..{len(self.chunks) - 1} in-context chunks, not {count}")
         return InstructionSample(self.sample_id, self.chunks[count:], self.images[count:])
+
+
+def _load(image: ImageSource) -> Image.Image:
+    return image if isinstance(image, Image.Image) else image()
+
+
+def blank_like(media: Media) -> Media:
+    """A grey image of the same size (for a clip: as many grey frames): what a model sees when it sees nothing."""
+    if isinstance(media, list):
+        return [blank_like(frame) for frame in media]
+    return Image.new("RGB", media.size, (128, 128, 128))
 
 
 class InstructionDataset(torch.utils.data.Dataset):
