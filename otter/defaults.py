@@ -17,9 +17,16 @@ logger = logging.getLogger(__name__)
 
 TINY_OTTER = "tiny-otter"
 DEFAULT_OUTPUT_DIR = Path("outputs/otter-tiny")
-# `otter-train --data`: the bundled toy data sets (otter.data.main_job), the first the default.
-BUNDLED_DATA = ("toy", "toy-icl", "toy-mixture")
+# `otter-train --data`: the bundled toy data sets (otter.data.main_job), the first the default, and the model each
+# trains when `--model` is not given (video needs frame embeddings).
+BUNDLED_DATA = ("toy", "toy-icl", "toy-mixture", "toy-video")
 DEFAULT_DATA = BUNDLED_DATA[0]
+MODEL_FOR_DATA = {"toy-video": "tiny-otter-video"}
+
+
+def model_to_train(data: str) -> str:
+    """The model `otter-train --data DATA` trains when no `--model` is given."""
+    return MODEL_FOR_DATA.get(data, TINY_OTTER)
 
 
 def cache_dir() -> Path:

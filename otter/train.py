@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flamingo.arguments import int_at_least
 from flamingo.cli import add_debug_flag, run_command
-from otter.defaults import DEFAULT_DATA, DEFAULT_OUTPUT_DIR, TINY_OTTER
+from otter.defaults import DEFAULT_DATA, DEFAULT_OUTPUT_DIR, TINY_OTTER, model_to_train
 
 
 def positive_float(text: str) -> float:
@@ -33,11 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="otter-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", default=TINY_OTTER, help="hub id, folder or shipped config name; a config without weights trains "
-        "from scratch (default: the tiny Otter)")
+    add("--model", help="hub id, folder or shipped config name; a config without weights trains from scratch "
+        f"(default: {TINY_OTTER}, or for --data toy-video tiny-otter-video)")
     add("--tokenizer", help="base tokenizer for checkpoints that ship none (Otter's tokens are added)")
     add("--data", default=DEFAULT_DATA, help="a mixture file (YAML/JSON), or bundled toy data: toy (questions about "
-        "shapes, the default), toy-icl (made-up names that only the in-context examples give), toy-mixture (both)")
+        "shapes, the default), toy-icl (made-up names that only the in-context examples give), toy-mixture (both), "
+        "toy-video (which way a shape moves, over 5 frames)")
     add("--heldout", help="MIMIC-IT instructions JSON of the held-out split (images/train-config beside it)")
     add("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     add("--trainable", choices=["auto", "otter", "all", "lora"], default="auto",
@@ -67,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0)
     add("--num-workers", type=int_at_least(0), default=0)
     add_debug_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.model = args.model or model_to_train(args.data)
+    return args
 
 
 def _main(argv: list[str]) -> None:
@@ -86,9 +89,10 @@ def _main(argv: list[str]) -> None:
 
 def results_table(summary: dict) -> str:
     """The held-out accuracies per task and condition, as the last lines a run prints."""
-    conditions = ("with_examples", "no_examples", "blank_images")
+    conditions = list(dict.fromkeys(c for scores in summary["tasks"].values() for c in scores))
     lines = [f"{'task':<8}" + "".join(f"{c.replace('_', ' '):>15}" for c in conditions)]
-    lines += [f"{task:<8}" + "".join(f"{scores[c]:>15.3f}" for c in conditions) for task, scores in summary["tasks"].items()]
+    lines += [f"{task:<8}" + "".join(f"{scores[c]:>15.3f}" if c in scores else f"{'':>15}" for c in conditions)
+              for task, scores in summary["tasks"].items()]
     lines.append(f"after {summary['steps']} steps, {summary['train_seconds']:.0f} s of training; model in {summary['model_dir']}")
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ from flamingo.hub import push_folder, write_model_card
 from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator, UsableSamples
-from otter.data.main_job import bundled_data
+from otter.data.main_job import EXTRA_CONDITIONS, bundled_data
 from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import load_mixture
 from otter.defaults import BUNDLED_DATA, record_trained_model
@@ -285,7 +285,12 @@ def score(model_dir: Path, processor: OtterProcessor, heldout_sets: dict[str, to
     """Per task, the accuracy on its first `count` held-out samples in each of `task_scores`' conditions; the first
     task's with examples and with blank images are also `heldout_accuracy` and `blank_image_accuracy`."""
     saved = OtterModel.from_pretrained(model_dir).eval()
-    tasks = {task: task_scores(saved, processor, first_samples(dataset, count)) for task, dataset in heldout_sets.items()}
+    tasks = {}
+    for task, dataset in heldout_sets.items():
+        samples = first_samples(dataset, count)
+        tasks[task] = task_scores(saved, processor, samples)
+        for condition, change in EXTRA_CONDITIONS.get(task, {}).items():
+            tasks[task][condition] = answer_accuracy(saved, processor, [change(s) for s in samples])
     first = next(iter(tasks.values()))
     return {"heldout_accuracy": first["with_examples"], "blank_image_accuracy": first["blank_images"], "tasks": tasks}
 

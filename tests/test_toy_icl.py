@@ -103,7 +103,7 @@ def test_bundled_task_is_the_default_build(tmp_path):
 
 def test_bundled_data_mixes_its_tasks_and_holds_each_out():
     mixture, heldout = bundled_data("toy-mixture", seed=0)
-    assert list(heldout) == list(TASKS) == ["vqa", "icl"]
+    assert list(heldout) == ["vqa", "icl"] and set(TASKS) == {"vqa", "icl", "video"}
     draws = Counter(mixture.components.tolist())
     assert len(mixture) == sum(len(d) for d in mixture.datasets) and set(draws) == {0, 1}
     assert all(len(dataset) == 200 for dataset in heldout.values())
@@ -111,3 +111,10 @@ def test_bundled_data_mixes_its_tasks_and_holds_each_out():
     assert list(bundled_data("toy")[1]) == ["vqa"] and list(bundled_data("toy-icl")[1]) == ["icl"]
     with pytest.raises(ValueError, match="unknown bundled data 'toys'; expected one of toy, toy-icl, toy-mixture"):
         bundled_data("toys")
+
+
+def test_video_data_trains_the_video_model_unless_told_otherwise():
+    from otter.train import parse_args
+
+    assert parse_args(["--data", "toy-video"]).model == "tiny-otter-video"
+    assert parse_args([]).model == "tiny-otter" and parse_args(["--data", "toy-video", "--model", "x"]).model == "x"

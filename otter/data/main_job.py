@@ -1,29 +1,37 @@
 """The bundled toy tasks, by name, for `otter-train --data NAME`: mixed for training, held out one by one for scoring.
 
-    vqa   questions about drawn shapes (otter.data.toy): the answer is in the picture
-    icl   shapes with made-up names (otter.data.toy_icl): the answer is in the in-context examples
+    vqa    questions about drawn shapes (otter.data.toy): the answer is in the picture
+    icl    shapes with made-up names (otter.data.toy_icl): the answer is in the in-context examples
+    video  which way a shape moves, or whether it grows (otter.data.toy_video): the answer is in the frames
 
     --data toy           vqa (the default: the main job)
     --data toy-icl       icl
     --data toy-mixture   vqa and icl, drawn equally often
+    --data toy-video     video (with `tiny-otter-video`, which has frame embeddings)
 
 `otter-train` scores each task's held-out split with its examples, without them and with blank images
-(`otter.evaluate.task_scores`).
+(`otter.evaluate.task_scores`), and under `EXTRA_CONDITIONS` (video: each clip's middle frame repeated, which takes
+the motion away).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 from ..defaults import DEFAULT_DATA
 from .mimicit import MimicItDataset
 from .mixture import WeightedMixture
+from .samples import InstructionSample
 from .toy import toy_dataset_paths
 from .toy_icl import toy_icl_dataset_paths
+from .toy_video import single_frame, toy_video_dataset_paths
 
-TASKS: dict[str, Callable[[], dict[str, dict[str, Path]]]] = {"vqa": toy_dataset_paths, "icl": toy_icl_dataset_paths}
-TASKS_OF = {"toy": ("vqa",), "toy-icl": ("icl",), "toy-mixture": ("vqa", "icl")}
+TASKS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {
+    "vqa": toy_dataset_paths, "icl": toy_icl_dataset_paths, "video": toy_video_dataset_paths}
+TASKS_OF = {"toy": ("vqa",), "toy-icl": ("icl",), "toy-mixture": ("vqa", "icl"), "toy-video": ("video",)}
+EXTRA_CONDITIONS: dict[str, dict[str, Callable[[InstructionSample], InstructionSample]]] = {
+    "video": {"single_frame": single_frame}}
 
 
 def bundled_data(name: str = DEFAULT_DATA, seed: int = 0) -> tuple[WeightedMixture, dict[str, MimicItDataset]]:
