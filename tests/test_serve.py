@@ -151,6 +151,40 @@ def test_concurrent_requests_are_batched_and_answered_alone(client, chat, server
         assert answer == reference(chat, Conversation().ask(question, [shape()]), length)
 
 
+def test_requests_join_and_leave_a_running_batch_with_unchanged_answers(client, chat, server):
+    """Continuous batching: requests sent while a long answer streams join its batch at the next step (they do not
+    wait for it to end) and leave at their own length; every greedy answer, the long one's included (its batch
+    grew and shrank around it), equals `model.generate`'s for the request alone."""
+    long_tokens = 120
+    before = health(server)
+    stream = ask(client, FEW_SHOT, max_tokens=long_tokens, stream=True)
+    first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+    questions = ["What is it?", "Which colour is the shape on the left side?", "Is it round?"]
+    answers, errors = [None] * 3, []
+
+    def send(i: int) -> None:
+        try:
+            answers[i] = ask(client, [user(questions[i], shape("square", "blue"))], max_tokens=5 + 3 * i)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not errors
+    still_running = health(server)["running"]
+    text = first.choices[0].delta.content + streamed(stream)[0]
+    after = health(server)
+    assert still_running >= 1  # the short requests ended while the long one was still generating
+    assert after["largest_batch"] >= 2 and after["generate_calls"] - before["generate_calls"] <= 4
+    assert text == reference(chat, FEW_SHOT_CONVERSATION, long_tokens)
+    for i, question in enumerate(questions):
+        expected = reference(chat, Conversation().ask(question, [shape("square", "blue")]), 5 + 3 * i)
+        assert answers[i].choices[0].message.content == expected
+
+
 def test_n_choices_seed_and_stop(client):
     sampled = [ask(client, n=3, temperature=1.0, seed=7, max_tokens=10) for _ in range(2)]
     contents = [[choice.message.content for choice in response.choices] for response in sampled]
