@@ -573,7 +573,9 @@ class Scheduler:
         batch: RunningBatch | None = None
         while True:
             jobs = self._joining(batch)
-            if jobs is None:
+            if jobs is None:  # closing: nobody will read what the rows still running would say
+                for job in list(self.running):
+                    job.fail("The server is shutting down.")
                 return
             try:
                 if jobs:

@@ -285,11 +285,10 @@ def agreement(
 ):
     """`(items, identical prompts, identical predictions)` of OpenFlamingo's evaluator and flamingo-eval on the same
     test items and demonstrations (OpenFlamingo's draws)."""
-    from flamingo.eval import evaluate, load_task, runner
+    from flamingo.eval import runner
 
     theirs = openflamingo_captions(of_evaluate, eval_model, data, shots, items, batch_size, num_beams)
-    task = load_task(data / "toy_captions.json")
-    task.max_new_tokens = 20
+    task = toy_captions_task(data)
     prompts: dict[str, str] = {}
     build_prompt = runner.build_prompt
 
@@ -300,18 +299,8 @@ def agreement(
 
     runner.build_prompt = recording_build_prompt
     try:
-        results = evaluate(
-            model,
-            processor,
-            task,
-            shots=[shots],
-            trials=1,
-            batch_size=batch_size,
-            num_beams=num_beams,
-            limit=items,
-            demos=_SameDemos(task.train, {name: demos for name, (_, demos, _) in theirs.items()}),
-            progress=False,
-        )
+        demos = _SameDemos(task.train, {name: demos for name, (_, demos, _) in theirs.items()})
+        results = evaluate_captions(model, processor, task, shots, items, batch_size, num_beams, demos)
     finally:
         runner.build_prompt = build_prompt
     ours = {task.test[r["index"]].image.name: r["prediction"] for r in results.trials[0].predictions}
@@ -321,23 +310,35 @@ def agreement(
     return len(theirs), same_prompts, same_predictions
 
 
-def run_ours(model, processor, data: Path, shots: int, args) -> tuple[float, float]:
-    from flamingo.eval import evaluate, load_task
+def toy_captions_task(data: Path):
+    from flamingo.eval import load_task
 
     task = load_task(data / "toy_captions.json")
     task.max_new_tokens = 20  # OpenFlamingo's captioning length
-    start = time.perf_counter()
-    results = evaluate(
+    return task
+
+
+def evaluate_captions(model, processor, task, shots: int, items: int, batch_size: int, num_beams: int, demos="random"):
+    from flamingo.eval import evaluate
+
+    return evaluate(
         model,
         processor,
         task,
         shots=[shots],
         trials=1,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        limit=args.items,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        limit=items,
+        demos=demos,
         progress=False,
     )
+
+
+def run_ours(model, processor, data: Path, shots: int, args) -> tuple[float, float]:
+    task = toy_captions_task(data)
+    start = time.perf_counter()
+    results = evaluate_captions(model, processor, task, shots, args.items, args.batch_size, args.num_beams)
     return time.perf_counter() - start, results.trials[0].score
 
 
