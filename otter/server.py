@@ -4,12 +4,12 @@ requests.
 Earlier user/assistant turns become completed chunks of Otter's prompt (in-context examples) through
 `otter.conversation.Conversation`, exactly as in `otter-demo`; each user turn's images go first in its chunk.
 
-Batching (see docs/serving.md): requests go to one queue; a worker thread takes every waiting request whose
-sampling settings can share a batch (greedy with greedy, sampling with the same temperature and top-p; a seeded
-sampling request runs alone, so that its seed alone decides its answer), left-pads them into one `generate`
-call, and follows each row step by step through a stopping criterion: a row leaves the batch (stops streaming,
-is padded) at its own `max_tokens`, at a `stop` string, at `<|endofchunk|>`, or when its client disconnects.
-Requests that arrive while a batch runs wait for the next one (no continuous batching).
+Batching (see docs/serving.md) is continuous: a worker thread keeps one running batch of rows and, between two
+decoding steps, lets waiting requests join it (their prompts run together, left padded, and their KV caches and
+image latents are appended to the batch's) and lets ended rows leave it (at their own `max_tokens`, a `stop`
+string, `<|endofchunk|>`, or when their client disconnects). Rows share a batch only when their sampling settings
+can (greedy with greedy, sampling with the same temperature and top-p; a seeded sampling request runs alone, so that
+its seed alone decides its answer).
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, TopPLogitsWarper
 
+from flamingo.modeling_flamingo import MediaCache
 from flamingo.video import stretch_indices
 from otter.client import API_KEY_ENV
 from otter.conversation import (
@@ -424,27 +425,15 @@ class Job:
                 self.deliver(("error", row.index, message))
 
 
-class RowStopping(StoppingCriteria):
-    """Follows every row of a batch at each decoding step: hands the new token to its row and reports which rows
-    have ended (transformers then pads them and stops when all have)."""
-
-    def __init__(self, rows: list[Row], end_ids: set[int]):
-        self.rows, self.end_ids = rows, end_ids
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
-            if row.finish_reason is None:
-                row.step(token, self.end_ids)
-        return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
-
-
 # ---- the scheduler ---------------------------------------------------------------------------------
 @dataclass
 class Counters:
-    """What `/health` reports; the tests read `generate_calls` against `requests` to see batching."""
+    """What `/health` reports; the tests read `generate_calls` (prompt batches, each joining the running batch)
+    against `requests` to see batching."""
 
     requests: int = 0
     generate_calls: int = 0
+    decode_steps: int = 0
     rows_generated: int = 0
     tokens_generated: int = 0
     largest_batch: int = 0
@@ -452,8 +441,89 @@ class Counters:
     refused_queue_full: int = 0
 
 
+def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros prepended along `dim` up to `length`."""
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _pad_images(latents: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, T_img, n, D) latents zero-padded to `count` images (padding images are never attended)."""
+    missing = count - latents.shape[1]
+    return latents if missing <= 0 else torch.cat([latents, latents.new_zeros(latents.shape[0], missing,
+                                                                              *latents.shape[2:])], dim=1)
+
+
+@dataclass
+class RunningBatch:
+    """The rows being decoded together, between two steps.
+
+    `cache` is one transformers `DynamicCache` for all rows, left padded (`mask` is 0 on the padding): a row that
+    joins is padded on the left to the batch's length, and the columns no row uses any more are dropped. Every row
+    keeps its own `positions` (the next token's position) and `attended` image (new tokens never are `<image>`, so
+    the image they cross-attend to is fixed once the prompt has run); `latents` are each row's encoded images, so
+    that decoding steps never run the vision tower again. `next_tokens` are the tokens chosen at the last step, fed
+    at the next one."""
+
+    rows: list[Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, L)
+    positions: torch.Tensor  # (B,)
+    attended: torch.Tensor  # (B,)
+    latents: torch.Tensor | None  # (B, T_img, n_latents, D)
+    next_tokens: torch.Tensor  # (B,)
+    media: MediaCache | None = None
+
+    def __post_init__(self) -> None:
+        if self.media is None and self.latents is not None:
+            self.media = MediaCache(self.latents)
+
+    def merge(self, other: RunningBatch) -> RunningBatch:
+        """This batch's rows followed by `other`'s, on one cache."""
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        layers = [(torch.cat([_pad_left(a.keys, length, 2), _pad_left(b.keys, length, 2)]),
+                   torch.cat([_pad_left(a.values, length, 2), _pad_left(b.values, length, 2)]))
+                  for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
+        latents = None
+        if self.latents is not None or other.latents is not None:
+            parts = [batch.latents for batch in (self, other) if batch.latents is not None]
+            if len(parts) < 2:
+                raise ValueError("rows with images and rows without cannot share a batch")
+            images = max(part.shape[1] for part in parts)
+            latents = torch.cat([_pad_images(part, images) for part in parts])
+        return RunningBatch(
+            self.rows + other.rows, DynamicCache(ddp_cache_data=layers),
+            torch.cat([_pad_left(self.mask, length, 1), _pad_left(other.mask, length, 1)]),
+            torch.cat([self.positions, other.positions]), torch.cat([self.attended, other.attended]), latents,
+            torch.cat([self.next_tokens, other.next_tokens]))
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the rows at `indices` (the others have ended), and drop the cache columns left unused."""
+        if len(indices) < len(self.rows):
+            index = torch.tensor(indices, device=self.mask.device)
+            self.rows = [self.rows[i] for i in indices]
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions, self.attended = self.mask[index], self.positions[index], self.attended[index]
+            self.next_tokens = self.next_tokens[index]
+            if self.latents is not None:
+                self.latents = self.latents[index]
+                self.media = MediaCache(self.latents, {block: (keys[index], values[index])
+                                                       for block, (keys, values) in self.media.keys_values.items()})
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
 class Scheduler:
-    """The request queue and the worker thread that runs the model, one batch at a time."""
+    """The request queue and the worker thread that runs the model: one running batch that requests join and
+    leave between decoding steps."""
 
     def __init__(self, chat: ChatModel, *, max_batch_size: int = 16, max_queue: int = 64, batch_wait_s: float = 0.05):
         self.chat, self.max_batch_size, self.max_queue = chat, max_batch_size, max_queue
@@ -468,7 +538,8 @@ class Scheduler:
         processor = chat.processor
         self.end_ids = {processor.endofchunk_token_id, *_as_list(chat.model.generation_config.eos_token_id)}
         # An answer never holds a new image or answer marker: suppressing them keeps streamed text a prefix of
-        # the final answer (Otter's decoding keeps only the text after the last <answer>).
+        # the final answer (Otter's decoding keeps only the text after the last <answer>), and keeps the image
+        # that new tokens attend to fixed.
         self.suppress_tokens = [processor.media_token_id, processor.answer_token_id]
         self.context = chat.model.config.context_length
 
@@ -491,7 +562,7 @@ class Scheduler:
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
-        """Around checking and tokenizing a request that will be submitted: the worker may wait for it."""
+        """Around checking and tokenizing a request that will be submitted: an idle worker may wait for it."""
         with self._condition:
             self._preparing += 1
         try:
@@ -522,77 +593,133 @@ class Scheduler:
 
     # ---- worker thread -------------------------------------------------------------------------------
     def _work(self) -> None:
+        batch: RunningBatch | None = None
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            jobs = self._joining(batch)
+            if jobs is None:  # closing: nobody will read what the rows still running would say
+                for job in list(self.running):
+                    job.fail("The server is shutting down.")
                 return
-            if batch:  # empty when the waiting requests were cancelled meanwhile
-                self._run(batch)
+            try:
+                if jobs:
+                    joined = self._start(jobs)
+                    if joined is not None:
+                        batch = joined if batch is None else batch.merge(joined)
+                if batch is not None:
+                    self.counters.largest_batch = max(self.counters.largest_batch, len(batch.rows))
+                    batch = self._decode(batch)
+            except Exception as error:  # reported to the requests of the batch; the server goes on
+                logger.exception("generation failed")
+                failed = list(self.running)
+                for job in failed:
+                    job.fail(f"The model failed: {type(error).__name__}: {error}")
+                self._leave(failed)
+                batch = None
 
-    def _next_batch(self) -> list[Job] | None:
+    def _joining(self, batch: RunningBatch | None) -> list[Job] | None:
+        """The waiting jobs that join `batch` now (or start one: then, once a request waits, also those still being
+        prepared, up to batch_wait_s, so that requests sent together start together); None when closing."""
         with self._condition:
-            while not self._waiting and not self._closing:
-                self._condition.wait()
-            # Requests sent together reach the queue apart (their images are decoded in parallel): wait for those
-            # still being prepared, up to batch_wait_s, rather than start without them.
-            deadline = time.monotonic() + self.batch_wait_s
-            while self._preparing and not self._closing and (left := deadline - time.monotonic()) > 0:
-                self._condition.wait(left)
+            if batch is None:
+                while not self._waiting and not self._closing:
+                    self._condition.wait()
+                deadline = time.monotonic() + self.batch_wait_s
+                while self._preparing and not self._closing and (left := deadline - time.monotonic()) > 0:
+                    self._condition.wait(left)
             if self._closing:
                 return None
-            batch = self._compatible(self._waiting) if self._waiting else []
-            for job in batch:
+            jobs = self._compatible(self._waiting, batch)
+            for job in jobs:
                 self._waiting.remove(job)
-            self.running = batch
-            return batch
+            self.running += jobs
+            return jobs
 
-    def _compatible(self, waiting: list[Job]) -> list[Job]:
-        """The oldest job and the later ones that can share its `generate`: same batch key, at most
-        `max_batch_size` rows, and a padded prompt plus the longest answer that fits in the context."""
-        first = waiting[0]
-        batch, rows = [first], len(first.rows)
-        key = first.sampling.batch_key(first.id)
-        longest_prompt, most_tokens = first.prompt_tokens, first.sampling.max_new_tokens
-        for job in waiting[1:]:
-            prompt, tokens = max(longest_prompt, job.prompt_tokens), max(most_tokens, job.sampling.max_new_tokens)
-            fits = self.context is None or prompt + tokens <= self.context
-            if job.sampling.batch_key(job.id) == key and rows + len(job.rows) <= self.max_batch_size and fits:
-                batch.append(job)
-                rows += len(job.rows)
-                longest_prompt, most_tokens = prompt, tokens
+    def _compatible(self, waiting: list[Job], batch: RunningBatch | None) -> list[Job]:
+        """The waiting jobs, oldest first, that can share the running batch (or the oldest job's new one): the same
+        batch key, at most `max_batch_size` rows. The first job that cannot stops the others from joining, so
+        that it runs once the batch has drained rather than wait behind later requests."""
+        if not waiting:
+            return []
+        rows = len(batch.rows) if batch is not None else 0
+        key = batch.rows[0].job.sampling.batch_key(batch.rows[0].job.id) if batch is not None else None
+        jobs = []
+        for job in waiting:
+            job_key = job.sampling.batch_key(job.id)
+            if (key is not None and job_key != key) or rows + len(job.rows) > self.max_batch_size:
+                break
+            key, rows = job_key, rows + len(job.rows)
+            jobs.append(job)
+        return jobs
+
+    @torch.inference_mode()
+    def _start(self, jobs: list[Job]) -> RunningBatch | None:
+        """Run the prompts of `jobs` (left padded together), choose each row's first token; the rows still going."""
+        model, pad = self.chat.model, self.chat.processor.pad_token_id
+        device = model.device
+        inputs = {name: value.to(device) for name, value in
+                  left_pad([job.inputs for job in jobs for _ in job.rows], pad).items()}
+        sampling = jobs[0].sampling
+        if sampling.seed is not None and not sampling.greedy:
+            torch.manual_seed(sampling.seed)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self.counters.generate_calls += 1
+        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, vision_x=inputs.get("vision_x"),
+                       use_cache=True)
+        # The image a token after the prompt attends to: that of a text token appended to it.
+        attended = model.attended_images(torch.cat([ids, torch.full_like(ids[:, :1], pad)], dim=1))[:, -1]
+        rows = [row for job in jobs for row in job.rows]
+        media = output.media_cache
+        batch = RunningBatch(rows, output.cache, mask, positions[:, -1] + 1, attended,
+                             media.latents if media is not None else None,
+                             self._choose(output.logits[:, -1], sampling), media)
+        return self._advance(batch)
+
+    @torch.inference_mode()
+    def _decode(self, batch: RunningBatch) -> RunningBatch | None:
+        """One decoding step of every row; the batch without the rows that ended (None when none is left)."""
+        self.counters.decode_steps += 1
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        output = self.chat.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.mask,
+                                 position_ids=batch.positions[:, None], cache=batch.cache, media_cache=batch.media,
+                                 attended_image=batch.attended[:, None], use_cache=True)
+        batch.cache, batch.media = output.cache, output.media_cache
+        batch.positions = batch.positions + 1
+        batch.next_tokens = self._choose(output.logits[:, -1], batch.rows[0].job.sampling)
+        return self._advance(batch)
+
+    def _choose(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        """The next token of every row, as `generate` chooses it (suppressed tokens, then greedy or sampled)."""
+        scores = logits.float()
+        scores[:, self.suppress_tokens] = float("-inf")
+        if sampling.greedy:
+            return scores.argmax(dim=-1)
+        scores = scores / sampling.temperature
+        if sampling.top_p < 1:
+            scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+        return torch.multinomial(scores.softmax(dim=-1), num_samples=1)[:, 0]
+
+    def _advance(self, batch: RunningBatch) -> RunningBatch | None:
+        """Hand every row its chosen token; rows that ended leave the batch, jobs whose rows all ended leave
+        `running`."""
+        for row, token in zip(batch.rows, batch.next_tokens.tolist(), strict=True):
+            row.step(token, self.end_ids)
+        going = [index for index, row in enumerate(batch.rows) if row.finish_reason is None]
+        ended = {id(row.job): row.job for row in batch.rows if row.finish_reason is not None}
+        self._leave([job for job in ended.values() if all(row.finish_reason is not None for row in job.rows)])
+        if not going:
+            return None
+        batch.keep(going)
         return batch
 
-    def _run(self, batch: list[Job]) -> None:
-        rows = [row for job in batch for row in job.rows]
-        sampling = batch[0].sampling
-        start = time.perf_counter()
-        try:
-            inputs = left_pad([job.inputs for job in batch for _ in job.rows], self.chat.processor.pad_token_id)
-            if sampling.seed is not None and not sampling.greedy:
-                torch.manual_seed(sampling.seed)
-            self.counters.generate_calls += 1
-            self.counters.largest_batch = max(self.counters.largest_batch, len(rows))
-            with torch.inference_mode():
-                self.chat.model.generate(
-                    **{name: value.to(self.chat.model.device) for name, value in inputs.items()},
-                    **sampling.generate_kwargs(), max_new_tokens=max(job.sampling.max_new_tokens for job in batch),
-                    pad_token_id=self.chat.processor.pad_token_id, suppress_tokens=self.suppress_tokens,
-                    stopping_criteria=StoppingCriteriaList([RowStopping(rows, self.end_ids)]))
-            for row in rows:
-                if row.finish_reason is None:  # generate ended on its own length limit
-                    row.finish("length")
-        except Exception as error:  # reported to the requests of this batch; the server goes on
-            logger.exception("generation failed")
-            for job in batch:
-                job.fail(f"The model failed: {type(error).__name__}: {error}")
-        finally:
-            with self._condition:
-                self.running = []
-            self.counters.rows_generated += len(rows)
-            self.counters.tokens_generated += sum(row.generated for row in rows)
-            self.counters.cancelled_rows += sum(row.finish_reason == "cancelled" for row in rows)
-        logger.info("batch of %d row(s) from %d request(s): %d tokens in %.2f s", len(rows), len(batch),
-                    sum(row.generated for row in rows), time.perf_counter() - start)
+    def _leave(self, jobs: list[Job]) -> None:
+        with self._condition:
+            for job in jobs:
+                if job in self.running:
+                    self.running.remove(job)
+                    self.counters.rows_generated += len(job.rows)
+                    self.counters.tokens_generated += job.completion_tokens
+                    self.counters.cancelled_rows += sum(row.finish_reason == "cancelled" for row in job.rows)
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

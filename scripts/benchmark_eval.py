@@ -16,6 +16,14 @@ What runs on each side:
   download: it is replaced by the same pycocoevalcap CIDEr that flamingo-eval uses, so both sides score alike;
 - flamingo-eval: `flamingo.eval.evaluate` on the converted model.
 
+Then, on the same demonstrations (OpenFlamingo's draws handed to flamingo-eval), it counts the test items whose
+prompt and prediction are identical on both sides, greedy and with beam search. Two things keep the CIDEr of the
+timed runs apart, and are not flamingo-eval deviating from OpenFlamingo's protocol (docs/evaluation.md, "Agreement
+with OpenFlamingo's evaluator"): each side draws its random demonstrations with its own generator, and
+OpenFlamingo's cached beam search, run under transformers 5, does not return the beams that its own forward passes
+score best (without its KV cache it returns flamingo-eval's). The beam check therefore runs OpenFlamingo with
+`use_cache=False`.
+
 Timings include prompt building, image loading, generation and scoring, not model loading. On a shared or busy
 machine they are noisy: compare the two columns of one run, not runs with each other.
 """
@@ -70,6 +78,7 @@ def build_models(work: Path):
     open_clip.add_model_config(config)
     theirs, tokenizer = build_open_flamingo(CLIP_NAME, weights, reference / "lm", every)
     theirs.load_state_dict(torch.load(reference / "checkpoint.pt"), strict=False)
+    tokenizer = transformers4_tokenizer(reference / "lm", tokenizer)
     _, _, image_processor = open_clip.create_model_and_transforms(CLIP_NAME, pretrained=str(weights))
     folder = work / "converted"
     if not (folder / "config.json").is_file():
@@ -83,6 +92,24 @@ def build_models(work: Path):
         )
     ours = load_model_and_processor(folder)
     return (theirs.eval(), image_processor, tokenizer), (ours.model, ours.processor)
+
+
+def transformers4_tokenizer(lm_folder: Path, factory_tokenizer):
+    """OpenFlamingo's tokenizer as OpenFlamingo ran it (transformers 4.x): LLaMA's text after a special token starts a
+    new word ("<|endofchunk|>\\n" -> "<|endofchunk|>", "\u2581", "<0x0A>"), which transformers 5 only does with
+    `legacy=True`. Its factory, run under transformers 5, loads the LM folder with the new default (`legacy=False`)
+    and would tokenize every prompt differently from the converted model, whose converter keeps the old behaviour
+    (`flamingo.convert.load_base_tokenizer`). The special tokens are appended as its factory appends them."""
+    from flamingo.convert import load_base_tokenizer
+
+    tokenizer = load_base_tokenizer(lm_folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    added = ["<|endofchunk|>", "<image>", tokenizer.pad_token]
+    if tokenizer.convert_tokens_to_ids(added) != factory_tokenizer.convert_tokens_to_ids(added):
+        raise RuntimeError(f"the tokens {added} get other ids than OpenFlamingo's factory gave them")
+    return tokenizer
 
 
 def build_data(work: Path, items: int) -> Path:
@@ -126,12 +153,14 @@ def import_openflamingo_evaluate():
 
 def openflamingo_eval_model(model, image_processor, tokenizer, base):
     class EvalModel(base):
-        """After open_flamingo/eval/models/open_flamingo.py (not in the wheel), on the CPU, in float32."""
+        """After open_flamingo/eval/models/open_flamingo.py (not in the wheel), on the CPU, in float32. `use_cache`
+        (not in the original) lets the agreement check run beam search without OpenFlamingo's KV cache."""
 
         def __init__(self):
             self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
             self.tokenizer.padding_side = "left"
             self.device = "cpu"
+            self.use_cache = True
 
         def _prepare_images(self, batch):
             images_per_example = max(len(x) for x in batch)
@@ -158,6 +187,7 @@ def openflamingo_eval_model(model, image_processor, tokenizer, base):
                     num_beams=num_beams,
                     length_penalty=length_penalty,
                     pad_token_id=self.tokenizer.pad_token_id,
+                    use_cache=self.use_cache,
                 )
             outputs = outputs[:, len(encodings["input_ids"][0]) :]
             return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
@@ -179,43 +209,136 @@ def run_openflamingo(of_evaluate, eval_model, data: Path, shots: int, args) -> t
         return {"CIDEr": cider(predictions, {k: references[k] for k in predictions}) / 100}
 
     of_evaluate.compute_cider = cider_only
-    namespace = argparse.Namespace(
+    start = time.perf_counter()
+    score = of_evaluate.evaluate_captioning(
+        _openflamingo_namespace(data, args.items, args.batch_size),
+        eval_model,
+        seed=42,
+        num_beams=args.num_beams,
+        num_shots=shots,
+        dataset_name="coco",
+    )
+    return time.perf_counter() - start, score
+
+
+def _openflamingo_namespace(data: Path, items: int, batch_size: int) -> argparse.Namespace:
+    return argparse.Namespace(
         model="open_flamingo",
         coco_train_image_dir_path=str(data / "images"),
         coco_val_image_dir_path=str(data / "images"),
         coco_karpathy_json_path=str(data / "dataset_toy_captions.json"),
         coco_annotations_json_path=str(data / "captions_coco_format.json"),
-        num_samples=args.items,
-        batch_size=args.batch_size,
+        num_samples=items,
+        batch_size=batch_size,
         rices=False,
         query_set_size=64,
         rank=0,
         world_size=1,
     )
-    start = time.perf_counter()
-    score = of_evaluate.evaluate_captioning(
-        namespace, eval_model, seed=42, num_beams=args.num_beams, num_shots=shots, dataset_name="coco"
-    )
-    return time.perf_counter() - start, score
 
 
-def run_ours(model, processor, data: Path, shots: int, args) -> tuple[float, float]:
-    from flamingo.eval import evaluate, load_task
+class _SameDemos:
+    """flamingo-eval's demonstration selector that hands every test item the pool items OpenFlamingo drew for it."""
+
+    def __init__(self, pool, demo_ids_by_image: dict[str, list]):
+        self.positions = {example.id: position for position, example in enumerate(pool)}
+        self.demo_ids_by_image = demo_ids_by_image
+
+    def select(self, queries, count, seed):
+        return [[self.positions[i] for i in self.demo_ids_by_image[item.image.name]] for _, item in queries]
+
+
+def openflamingo_captions(of_evaluate, eval_model, data: Path, shots: int, items: int, batch_size: int, num_beams: int):
+    """Per test image file name, what OpenFlamingo's `evaluate_captioning` did: `(prompt, demo image ids, caption
+    after its post-processing)`. Its scorer is not run."""
+    records: dict[str, tuple[str, list, str]] = {}
+    draws: list[list[list[dict]]] = []
+    sample = of_evaluate.utils.sample_batch_demos_from_query_set
+    get_outputs = eval_model.get_outputs
+
+    def recording_sample(*args):
+        draws.append(sample(*args))
+        return draws[-1]
+
+    def recording_outputs(batch_text, batch_images, **kwargs):
+        outputs = get_outputs(batch_text=batch_text, batch_images=batch_images, **kwargs)
+        for text, images, output, demos in zip(batch_text, batch_images, outputs, draws[-1], strict=True):
+            caption = of_evaluate.postprocess_captioning_generation(output).replace('"', "")
+            records[Path(images[-1].filename).name] = (text, [demo["image_id"] for demo in demos], caption)
+        return outputs
+
+    of_evaluate.utils.sample_batch_demos_from_query_set = recording_sample
+    eval_model.get_outputs = recording_outputs
+    of_evaluate.compute_cider = lambda result_path, annotations_path: {"CIDEr": 0.0}
+    try:
+        of_evaluate.evaluate_captioning(
+            _openflamingo_namespace(data, items, batch_size), eval_model, num_beams=num_beams, num_shots=shots
+        )
+    finally:
+        of_evaluate.utils.sample_batch_demos_from_query_set = sample
+        del eval_model.get_outputs
+    return records
+
+
+def agreement(
+    of_evaluate, eval_model, model, processor, data: Path, shots: int, items: int, batch_size: int, num_beams: int
+):
+    """`(items, identical prompts, identical predictions)` of OpenFlamingo's evaluator and flamingo-eval on the same
+    test items and demonstrations (OpenFlamingo's draws)."""
+    from flamingo.eval import runner
+
+    theirs = openflamingo_captions(of_evaluate, eval_model, data, shots, items, batch_size, num_beams)
+    task = toy_captions_task(data)
+    prompts: dict[str, str] = {}
+    build_prompt = runner.build_prompt
+
+    def recording_build_prompt(*args, **kwargs):
+        prompt = build_prompt(*args, **kwargs)
+        prompts[prompt.item.image.name] = prompt.text
+        return prompt
+
+    runner.build_prompt = recording_build_prompt
+    try:
+        demos = _SameDemos(task.train, {name: demos for name, (_, demos, _) in theirs.items()})
+        results = evaluate_captions(model, processor, task, shots, items, batch_size, num_beams, demos)
+    finally:
+        runner.build_prompt = build_prompt
+    ours = {task.test[r["index"]].image.name: r["prediction"] for r in results.trials[0].predictions}
+    same_prompts = sum(prompts[name] == text for name, (text, _, _) in theirs.items())
+    # flamingo-eval strips the caption's surrounding spaces, which CIDEr's tokenizer drops anyway
+    same_predictions = sum(ours[name] == caption.strip() for name, (_, _, caption) in theirs.items())
+    return len(theirs), same_prompts, same_predictions
+
+
+def toy_captions_task(data: Path):
+    from flamingo.eval import load_task
 
     task = load_task(data / "toy_captions.json")
     task.max_new_tokens = 20  # OpenFlamingo's captioning length
-    start = time.perf_counter()
-    results = evaluate(
+    return task
+
+
+def evaluate_captions(model, processor, task, shots: int, items: int, batch_size: int, num_beams: int, demos="random"):
+    from flamingo.eval import evaluate
+
+    return evaluate(
         model,
         processor,
         task,
         shots=[shots],
         trials=1,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        limit=args.items,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        limit=items,
+        demos=demos,
         progress=False,
     )
+
+
+def run_ours(model, processor, data: Path, shots: int, args) -> tuple[float, float]:
+    task = toy_captions_task(data)
+    start = time.perf_counter()
+    results = evaluate_captions(model, processor, task, shots, args.items, args.batch_size, args.num_beams)
     return time.perf_counter() - start, results.trials[0].score
 
 
@@ -246,6 +369,16 @@ def main(argv=None) -> int:
         print(
             f"| {shots} | {of_rate:.2f} | {our_rate:.2f} | {our_rate / of_rate:.2f}x | {of_score:.1f} / {our_score:.1f} |"
         )
+    print("\nsame demonstrations (OpenFlamingo's draws) on both sides: identical prompts / predictions")
+    for shots in args.shots:
+        for beams, use_cache in ((1, True), (args.num_beams, False)):
+            eval_model.use_cache = use_cache
+            count, prompts, predictions = agreement(
+                of_evaluate, eval_model, model, processor, data, shots, args.items, args.batch_size, beams
+            )
+            note = "" if use_cache else ", OpenFlamingo without its KV cache"
+            print(f"{shots}-shot, {beams} beam(s){note}: prompts {prompts}/{count}, predictions {predictions}/{count}")
+    eval_model.use_cache = True
     return 0
 
 

@@ -6,7 +6,8 @@ nothing downloaded): the shipped tiny Otter, or OpenFlamingo-9B's proportions sc
 benchmark_vs_reference.py, here as an Otter config with a 32000-token LLaMA-style tokenizer and 224 px images).
 For each level of concurrency (1, 4, 16 clients), every client sends its share of `--requests` streaming requests
 one after the other (greedy, exactly `--new-tokens` tokens: an untrained model never ends its answer early); the
-table shows requests/s, generated tokens/s and the p50/p95 latency of a request (first byte sent to last chunk).
+table shows requests/s, generated tokens/s, the p50/p95 latency of a request (first byte sent to last chunk),
+and the server's prompt batches (`joins`, each joining the running batch) and decoding steps.
 
 Every answer is checked against the answer to the same prompt at one client, which the server answered alone:
 batching must not change a greedy answer. The last line is the speed-up of 16 clients over one at a time:
@@ -199,19 +200,20 @@ def main(argv: list[str] | None = None) -> None:
                      for index in range(len(messages))}
             print(f"otter-serve, {args.config} (random weights), {args.requests} streaming requests per level, "
                   f"{args.new_tokens} new tokens each, greedy")
-            print(f"{'clients':>7} {'requests/s':>11} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'batches':>8} "
-                  f"{'identical':>9}")
+            print(f"{'clients':>7} {'requests/s':>11} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'joins':>6} "
+                  f"{'steps':>6} {'identical':>9}")
             throughput, identical_everywhere = {}, True
             for clients in args.clients:
-                before = server.health()["generate_calls"]
+                before = server.health()
                 results, seconds = run_level(client, model.id, messages, clients, args.requests, args.new_tokens)
-                batches = server.health()["generate_calls"] - before
+                after = server.health()
+                joins, steps = (after[key] - before[key] for key in ("generate_calls", "decode_steps"))
                 identical = all(result.answer == alone[result.prompt] for result in results)
                 identical_everywhere &= identical
                 latencies = [result.seconds for result in results]
                 throughput[clients] = len(results) / seconds
                 print(f"{clients:>7} {throughput[clients]:>11.2f} {sum(r.tokens for r in results) / seconds:>9.1f} "
-                      f"{percentile(latencies, 0.5):>7.2f} {percentile(latencies, 0.95):>7.2f} {batches:>8} "
+                      f"{percentile(latencies, 0.5):>7.2f} {percentile(latencies, 0.95):>7.2f} {joins:>6} {steps:>6} "
                       f"{str(identical):>9}")
     print(f"greedy_answers_identical={identical_everywhere}")
     if 1 in throughput and 16 in throughput:

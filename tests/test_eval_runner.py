@@ -304,3 +304,51 @@ def test_rices_with_the_models_vision_tower_caches_next_to_the_data(flamingo, to
     assert demos[0] == demos[1] == demos[2]  # retrieval is deterministic: every trial and run gets the same
     assert all(len(row) == 2 for row in demos[0])
     assert cache.stat().st_mtime_ns == written  # read back, not recomputed
+
+
+def test_rices_with_an_open_clip_encoder_retrieves_its_nearest_neighbours(flamingo, toy, tmp_path):
+    """`--rices-encoder NAME:WEIGHTS` with a tiny open_clip model built here (random weights, no download): the demos
+    are the pool items whose open_clip embeddings are most cosine-similar to the query's, the most similar last,
+    computed here independently; the pool's embeddings are cached under a key of their own."""
+    open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed (the --rices-encoder backend)")
+    from reference_factory import save_open_clip
+
+    from flamingo.eval.demos import open_image
+
+    vision = {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 16, "layers": 2}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        _, weights = save_open_clip(tmp_path / "clip", "eval-test-tiny-clip", vision, torch.Generator().manual_seed(0))
+    model, processor = flamingo
+    data = tmp_path / "data"
+    shutil.copytree(toy["vqa"].parent, data)
+    task = load_task(data / "toy_vqa.json")
+    spec = f"eval-test-tiny-clip:{weights}"
+    results = evaluate(
+        model,
+        processor,
+        task,
+        shots=[3],
+        trials=1,
+        demos="rices",
+        rices_encoder=spec,
+        num_beams=1,
+        limit=4,
+        progress=False,
+    )
+
+    clip, _, preprocess = open_clip.create_model_and_transforms("eval-test-tiny-clip", pretrained=str(weights))
+    with torch.no_grad():
+
+        def embed(examples):
+            pixels = torch.stack([preprocess(open_image(example.image)) for example in examples])
+            return torch.nn.functional.normalize(clip.eval().encode_image(pixels).float(), dim=-1)
+
+        similarity = embed(task.test[:4]) @ embed(task.train).T
+    position = {example.id: i for i, example in enumerate(task.train)}
+    for record, row in zip(results.trials[0].predictions, similarity, strict=True):
+        # compared by similarity: toy images repeat, and equally similar items may come in either order
+        chosen = torch.stack([row[position[demo]] for demo in record["demos"]])
+        assert torch.allclose(chosen, row.topk(3).values.flip(0), atol=1e-5)
+    (cache,) = (data / "rices_cache").glob("rices-*.pt")
+    assert torch.load(cache, weights_only=True)["key"] == f"open_clip:{spec}"

@@ -92,6 +92,25 @@ def streamed(stream) -> tuple[str, list]:
     return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices), chunks
 
 
+def concurrently(send, count: int) -> list:
+    """`send(i)` for i in range(count), each in a thread of its own, all at once; their results in order."""
+    results, errors = [None] * count, []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = send(i)
+        except Exception as error:  # reported below, with the others
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not errors
+    return results
+
+
 # ---- answers ----------------------------------------------------------------------------------------
 def test_answer_equals_generate_with_in_context_example(client, chat):
     response = ask(client, FEW_SHOT, max_tokens=12)
@@ -129,26 +148,35 @@ def test_concurrent_requests_are_batched_and_answered_alone(client, chat, server
     questions = [f"What is shape {i}?" for i in range(8)]
     lengths = [4 + i for i in range(8)]  # rows of one batch leave at different steps
     before = health(server)
-    answers, errors = [None] * 8, []
-
-    def send(i: int) -> None:
-        try:
-            answers[i] = ask(client, [user(questions[i], shape())], max_tokens=lengths[i]).choices[0].message.content
-        except Exception as error:  # reported below, with the others
-            errors.append(error)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT)
-    assert not errors
+    answers = [response.choices[0].message.content for response in concurrently(
+        lambda i: ask(client, [user(questions[i], shape())], max_tokens=lengths[i]), 8)]
     after = health(server)
     assert after["requests"] - before["requests"] == 8
     assert after["generate_calls"] - before["generate_calls"] < 8
     assert after["largest_batch"] > 1
     for question, length, answer in zip(questions, lengths, answers, strict=True):
         assert answer == reference(chat, Conversation().ask(question, [shape()]), length)
+
+
+def test_requests_join_and_leave_a_running_batch_with_unchanged_answers(client, chat, server):
+    """Continuous batching: requests sent while a long answer streams join its batch at the next step (they do not
+    wait for it to end) and leave at their own length; every greedy answer, the long one's included (its batch
+    grew and shrank around it), equals `model.generate`'s for the request alone."""
+    long_tokens = 120
+    before = health(server)
+    stream = ask(client, FEW_SHOT, max_tokens=long_tokens, stream=True)
+    first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+    questions = ["What is it?", "Which colour is the shape on the left side?", "Is it round?"]
+    answers = concurrently(lambda i: ask(client, [user(questions[i], shape("square", "blue"))], max_tokens=5 + 3 * i), 3)
+    still_running = health(server)["running"]
+    text = first.choices[0].delta.content + streamed(stream)[0]
+    after = health(server)
+    assert still_running >= 1  # the short requests ended while the long one was still generating
+    assert after["largest_batch"] >= 2 and after["generate_calls"] - before["generate_calls"] <= 4
+    assert text == reference(chat, FEW_SHOT_CONVERSATION, long_tokens)
+    for i, question in enumerate(questions):
+        expected = reference(chat, Conversation().ask(question, [shape("square", "blue")]), 5 + 3 * i)
+        assert answers[i].choices[0].message.content == expected
 
 
 def test_n_choices_seed_and_stop(client):
