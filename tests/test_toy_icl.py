@@ -42,8 +42,8 @@ def test_names_are_letter_tokens(processor):
 
 def test_heldout_names_are_new_combinations_of_known_letters():
     assert not set(HELDOUT_NAMES) & set(TRAIN_NAMES) and set(HELDOUT_NAMES) | set(TRAIN_NAMES) == set(NAMES)
-    assert len(TRAIN_NAMES) > 500 and len(HELDOUT_NAMES) > 50
-    for position in range(4):
+    assert len(TRAIN_NAMES) > 3000 and len(HELDOUT_NAMES) > 300
+    for position in range(5):
         assert {n[position] for n in HELDOUT_NAMES} <= {n[position] for n in TRAIN_NAMES}
 
 

@@ -3,14 +3,14 @@
 Each episode shows two shapes of different colours, each with a name made up for that episode, then asks for the
 name of a third picture, which has the colour of one of them:
 
-    <image>User: What is it called? GPT:<answer> buki<|endofchunk|>    (a blue circle)
-    <image>User: What is it called? GPT:<answer> tefa<|endofchunk|>    (a red cross)
-    <image>User: What is it called? GPT:<answer>                       (a blue square: "buki")
+    <image>User: What is it called? GPT:<answer> bukil<|endofchunk|>   (a blue circle)
+    <image>User: What is it called? GPT:<answer> tefab<|endofchunk|>   (a red cross)
+    <image>User: What is it called? GPT:<answer>                       (a blue square: "bukil")
 
 The query's shape is never its example's, so only the colour links the two. Training episodes ask twice, once per
 example (the first answer is then one more in-context example for the second); held-out episodes ask once, naming
-the first example in half of the episodes and the second in the other half. Names are two consonant-vowel syllables (four
-tokens of the tiny tokenizer, `▁b` `u` `k` `i`); every episode draws its two names afresh, and the held-out split uses only
+the first example in half of the episodes and the second in the other half. Names are five letters, consonant-vowel-consonant-vowel-consonant
+(five tokens of the tiny tokenizer, `▁b` `u` `k` `i` `l`); every episode draws its two names afresh, and the held-out split uses only
 names that no training episode contains, so a model cannot answer from memory: with the examples it can answer (the
 ability this task measures), without them it cannot (0), and with blank images it can only guess one of the two
 names (1/2). Everything follows from the seed: the same arguments give byte-identical files.
@@ -37,12 +37,15 @@ QUESTION = "What is it called?"
 CONSONANTS = "bdfgnpstw"  # the first letter: these have a "▁b"-style token of their own in the tiny tokenizer
 VOWELS = "aeiou"
 MIDDLES = "dfk"  # consonants that never merge with a neighbouring vowel in the tiny tokenizer
+ENDINGS = "bcdfkl"
 # Pairs the tiny tokenizer keeps whole ("fo", "no") or splits differently ("▁", "ge").
 _MERGED = {"fo", "ge", "no"}
-NAMES = tuple(c + v + m + w for c in CONSONANTS for v in VOWELS if c + v not in _MERGED for m in MIDDLES for w in VOWELS)
-# One combination in eleven (a stride prime to the table's sides), so that each letter of a held-out name also occurs, in the same place, in training
-# names; only the combinations are new. With 572 training names, each in about 0.3% of the episodes, a model cannot
-# learn the names one by one: it has to copy them.
+NAMES = tuple(c + v + m + w + e for c in CONSONANTS for v in VOWELS if c + v not in _MERGED
+              for m in MIDDLES for w in VOWELS for e in ENDINGS)
+# One combination in eleven (a stride prime to the table's sides), so that each letter of a held-out name also occurs,
+# in the same place, in training names; only the combinations are new. With 3436 training names, most drawn once or
+# twice in all the episodes, a model cannot learn the names one by one (with a few hundred, the tiny Otter does, and
+# then fails on new ones): it has to copy them letter by letter.
 HELDOUT_NAMES = tuple(n for i, n in enumerate(NAMES) if i % 11 == 0)
 TRAIN_NAMES = tuple(n for n in NAMES if n not in HELDOUT_NAMES)
 NUM_IN_CONTEXT = 2
