@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # runs OpenFlamingo's own evaluator
+
 pytest.importorskip("open_flamingo", reason="open-flamingo 2.0.1 (the reference evaluator) is not installed")
 pytest.importorskip("open_clip", reason="open_clip builds the reference's vision tower")
 if shutil.which("java") is None:
