@@ -327,11 +327,14 @@ class Workload:
         assert tokens.shape == (self.batch, self.new_tokens), f"{system.name} generated {tuple(tokens.shape)} tokens"
 
 
-def workloads(new_tokens: int, generate_batches: list[int]) -> list[Workload]:
+WORKLOAD_KINDS = ["forward", "train step", "generate"]
+
+
+def workloads(kinds: list[str], new_tokens: int, generate_batches: list[int]) -> list[Workload]:
     """Generation runs twice per shape: `new_tokens` tokens, and 1 token (images, prompt and the first token), so
     that the cost of one more token (the difference) is seen apart from the one-off costs."""
-    jobs = [Workload("forward", 8, 3), Workload("train step", 8, 3)]
-    for batch in generate_batches:
+    jobs = [Workload(kind, 8, 3) for kind in ("forward", "train step") if kind in kinds]
+    for batch in generate_batches if "generate" in kinds else []:
         for images in (1, 3):
             jobs += [Workload("generate", batch, images, new_tokens), Workload("generate", batch, images, 1)]
     return jobs
@@ -418,9 +421,10 @@ def print_report(samples: dict[Key, list[Sample]], memory: dict[Key, float], job
           "(min-max over the rounds).\n")
     print_table(["workload", "batch", "images", "system", "median s", "min s", "cpu s", "tokens/s", "peak MiB",
                  "x bare LM", "ours faster x", "ours faster x (cpu)"], workload_rows(samples, memory, jobs, prompt_tokens))
-    print("\nOne more token (generate N minus generate 1, divided by N - 1, per round): decoding after the images and "
-          "the prompt")
-    print_table(["batch", "images", "system", "ms per token", "x bare LM", "ours faster x"], per_token_rows(samples, jobs))
+    if any(job.kind == "generate" for job in jobs):
+        print("\nOne more token (generate N minus generate 1, divided by N - 1, per round): decoding after the images "
+              "and the prompt")
+        print_table(["batch", "images", "system", "ms per token", "x bare LM", "ours faster x"], per_token_rows(samples, jobs))
 
 
 def check_same_model(ours: System, reference: System, inputs: Inputs, new_tokens: int) -> None:
@@ -432,6 +436,50 @@ def check_same_model(ours: System, reference: System, inputs: Inputs, new_tokens
 
 
 # --------------------------------------------------------------------------------------------------
+# Profiling the training step
+# --------------------------------------------------------------------------------------------------
+def print_train_step_profile(systems: list[System], inputs: Inputs, device: torch.device) -> None:
+    """torch.profiler's operators of one training step per system, by self time (after two warm-up steps), and for
+    ours the split into the vision tower, the perceiver and the rest, in CPU time (best of two)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for system in (system for system in systems if system.optimizer is not None):
+        for _ in range(2):
+            system.train_step(inputs)
+        with profile(activities=activities) as profiler:
+            measure(lambda system=system: system.train_step(inputs), device)
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n{system.name}: one training step, batch {inputs.input_ids.shape[0]}, {inputs.vision_x.shape[1]} images")
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
+        if system.name == "ours":
+            print_phases(system, inputs, device)
+
+
+def print_phases(ours: System, inputs: Inputs, device: torch.device) -> None:
+    model = ours.model
+    pixels = inputs.vision_x.flatten(0, 2)
+    with torch.no_grad():
+        patches = model.vision_encoder(pixel_values=pixels).last_hidden_state[:, 1:].unsqueeze(1)  # (N, F=1, v, D)
+
+    def perceiver_step() -> None:
+        model.perceiver(patches).sum().backward()
+
+    def best(call: Callable[[], object]) -> float:
+        return min(measure(call, device).cpu for _ in range(2))
+
+    with torch.no_grad():
+        vision = best(lambda: model.vision_encoder(pixel_values=pixels))
+    perceiver = best(perceiver_step)
+    ours.optimizer.zero_grad(set_to_none=True)
+    total = best(lambda: ours.train_step(inputs))
+    print(f"ours, CPU s of one training step {total:.2f}: vision tower forward {vision:.2f} "
+          f"({vision / total:.0%}), perceiver forward + backward {perceiver:.2f} ({perceiver / total:.0%}), "
+          f"the rest (language model with cross-attention forward + backward, loss, AdamW) {total - vision - perceiver:.2f} "
+          f"({(total - vision - perceiver) / total:.0%})")
+
+
+# --------------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------------
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -439,12 +487,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
                         help="model sizes (default: scaled-9b on CPU, 9b on CUDA)")
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--workloads", nargs="+", default=WORKLOAD_KINDS, choices=WORKLOAD_KINDS,
+                        help="what to time (default: all; forward and train step are batch 8 with 3 images)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generate call (default 64)")
     parser.add_argument("--generate-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round (default 7)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the most repeatable)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and pixels (default float32)")
+    parser.add_argument("--profile-train-step", action="store_true",
+                        help="instead of the table: torch.profiler's top operators of one training step (batch 8, 3 images)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -474,7 +526,10 @@ def main(argv: list[str] | None = None) -> None:
     if {"ours", "OpenFlamingo"} <= by_name.keys():
         check_same_model(by_name["ours"], by_name["OpenFlamingo"], inputs_of(2, 3), 8)
 
-    jobs = workloads(args.new_tokens, args.generate_batches)
+    if args.profile_train_step:
+        print_train_step_profile(systems, inputs_of(8, 3), device)
+        return
+    jobs = workloads(args.workloads, args.new_tokens, args.generate_batches)
     inputs = {shape: inputs_of(*shape) for shape in sorted({(job.batch, job.images) for job in jobs})}
     calls = [(job, system, lambda job=job, system=system: job.run(system, inputs[job.batch, job.images]))
              for job in jobs for system in systems if job.applies_to(system)]
