@@ -102,12 +102,56 @@ class PerceiverBlock(GradientCheckpointingLayer):
 
     def forward(self, latents: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
         # latents (N, n_latents, D_v); media (N, F·v, D_v), N = B·T_img; kept 3-D for bnb int8 on CPU
-        media, normed_latents = self.norm_media(media), self.norm_latents(latents)
+        normed_latents = self.norm_latents(latents)
         query = self.to_q(normed_latents)
-        key, value = self.to_kv(torch.cat([media, normed_latents], dim=1)).chunk(2, dim=-1)
+        keys_values = torch.cat([self.media_keys_values(media), self.to_kv(normed_latents)], dim=1)
+        key, value = keys_values.chunk(2, dim=-1)
         query, key, value = (rearrange(x, "n t (h d) -> n h t d", h=self.heads) for x in (query, key, value))
         latents = self.to_out(attend(self, query, key, value, None, self.scale)) + latents
         return self.feed_forward(latents) + latents
+
+    def media_keys_values(self, media: torch.Tensor) -> torch.Tensor:
+        """`to_kv(norm_media(media))`, (N, F·v, 2·inner). Media that take no gradient (a frozen vision tower's
+        features) while the block trains go through `FrozenMediaProjection`, which skips autograd's gradient of the
+        normed media, the largest product of a perceiver's backward pass that nothing needs."""
+        norm = self.norm_media
+        plain = type(norm) is nn.LayerNorm and type(self.to_kv) is nn.Linear  # not quantized, no adapter
+        if not (plain and norm.weight is not None and norm.bias is not None and self.to_kv.bias is None):
+            return self.to_kv(norm(media))
+        trains = self.to_kv.weight.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad
+        if not (trains and torch.is_grad_enabled() and not media.requires_grad):
+            return self.to_kv(norm(media))
+        return FrozenMediaProjection.apply(media, norm.weight, norm.bias, self.to_kv.weight, norm.eps)
+
+
+class FrozenMediaProjection(torch.autograd.Function):
+    """`linear(layer_norm(x, weight, bias), kv_weight)` for an input `x` that needs no gradient.
+
+    With x̂ the normalized input and g the output's gradient, every parameter's gradient follows from one product,
+    M = gᵀ·x̂ (out × in): ∂kv_weight = M·diag(weight) + (Σg)·biasᵀ, ∂weight = Σ_rows(kv_weight ⊙ M),
+    ∂bias = (Σg)·kv_weight. Autograd would instead form g·kv_weight (rows × in) for the norm's gradients and then
+    gᵀ·layer_norm(x) for the projection's: two products of that size instead of one. The forward pass is the same
+    computation as the two modules (the same logits). It keeps `x` (alive anyway: the vision tower's output, which
+    every block reads) and normalizes it again in the backward pass, rather than keeping a normalized copy per block."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kv_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, bias, kv_weight)
+        ctx.eps = eps
+        return nn.functional.linear(nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps), kv_weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight, bias, kv_weight = ctx.saved_tensors
+        normalized = nn.functional.layer_norm(x, x.shape[-1:], None, None, ctx.eps)
+        # In the parameters' dtype: under autocast the output (and its gradient) may be bf16 while they are fp32.
+        grad_rows = grad_output.flatten(0, -2).to(kv_weight.dtype)
+        product = grad_rows.T @ normalized.flatten(0, -2).to(kv_weight.dtype)  # M = gᵀ·x̂, (out, in)
+        grad_sum = grad_rows.sum(dim=0)  # Σg, (out,)
+        grad_kv = product * weight + grad_sum[:, None] * bias if ctx.needs_input_grad[3] else None
+        grad_weight = (kv_weight * product).sum(dim=0) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_sum @ kv_weight if ctx.needs_input_grad[2] else None
+        return None, grad_weight, grad_bias, grad_kv, None
 
 
 class PerceiverResampler(nn.Module):
@@ -542,8 +586,11 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         _check_vision_x(vision_x)
         batch, num_images, num_frames = vision_x.shape[:3]
         pixels = rearrange(vision_x, "b t f c h w -> (b t f) c h w").to(self.vision_encoder.dtype)
-        # Patch tokens without CLS and before post_layernorm, as OpenFlamingo and Otter were trained.
-        patches = self.vision_encoder(pixel_values=pixels).last_hidden_state[:, 1:]
+        # A frozen tower runs without autograd's bookkeeping: nothing in it can take a gradient.
+        frozen = not pixels.requires_grad and not any(p.requires_grad for p in self.vision_encoder.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            # Patch tokens without CLS and before post_layernorm, as OpenFlamingo and Otter were trained.
+            patches = self.vision_encoder(pixel_values=pixels).last_hidden_state[:, 1:]
         latents = self.perceiver(rearrange(patches, "(n f) v d -> n f v d", f=num_frames))
         return MediaCache(rearrange(latents, "(b t) n d -> b t n d", b=batch))
 

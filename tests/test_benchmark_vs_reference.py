@@ -2,7 +2,9 @@
 OpenFlamingo to be the same model, and prints a row for every workload and system."""
 
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 from contextlib import redirect_stdout
 from io import StringIO
@@ -17,17 +19,22 @@ SYSTEMS = ["bare LM", "ours", "OpenFlamingo", "IDEFICS"]
 pytestmark = pytest.mark.slow  # builds four systems and runs a benchmark round
 
 
-@pytest.fixture(scope="module")
-def report() -> str:
+def load_script():
     for module in ("open_flamingo", "einops_exts"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed: pip install --no-deps open-flamingo==2.0.1 einops-exts")
     spec = importlib.util.spec_from_file_location("benchmark_vs_reference", SCRIPT)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+@pytest.fixture(scope="module")
+def report() -> str:
+    benchmark = load_script()
     output = StringIO()
     with redirect_stdout(output):
-        benchmark.main(["--config", "tiny", "--rounds", "1", "--new-tokens", "3", "--generate-batches", "2"])
+        benchmark.main(["--config", "tiny", "--rounds", "2", "--new-tokens", "3", "--generate-batches", "2"])
     sys.stdout.write(output.getvalue())
     return output.getvalue()
 
@@ -40,9 +47,40 @@ def test_ours_and_openflamingo_are_the_same_model(report):
 
 def test_every_workload_and_system_has_a_row(report):
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
-    measured = {(cells[0].strip("| "), cells[3]) for cells in rows if len(cells) == 8 and cells[0] != "| workload"}
+    measured = {(cells[0].strip("| "), cells[3]) for cells in rows if len(cells) == 12 and cells[0] != "| workload"}
     workloads = ["forward", "train step", "generate 3", "generate 1"]
     expected = {(w, s) for w in workloads for s in SYSTEMS if not (w == "train step" and s == "bare LM")}
     assert measured == expected
     per_token = {cells[2] for cells in rows if len(cells) == 6 and cells[0] != "| batch"}
     assert per_token == set(SYSTEMS)
+
+
+def test_ratios_are_paired_by_round(report):
+    """Two rounds: every ratio cell is the median of the two per-round ratios and their range, and lies inside it."""
+    rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    cells = [cell for row in rows if len(row) == 12 and row[0] != "workload" for cell in row[9:] if cell]
+    assert cells, "no ratio cells"
+    for cell in cells:
+        median, low, high = map(float, re.fullmatch(r"(\S+) \((\S+)-(\S+)\)", cell).groups())
+        assert low <= median <= high
+
+
+def test_paired_ratio_takes_the_median_of_per_round_ratios():
+    benchmark = load_script()
+    # Per round: 2/1, 3/1, 8/2 -> 2, 3, 4; a ratio of medians would give 3/1 = 3 as well, so the range tells them apart.
+    assert benchmark.paired_ratio([2.0, 3.0, 8.0], [1.0, 1.0, 2.0]) == "3.00 (2.00-4.00)"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_cuda_without_a_gpu_is_a_clean_skip():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the skip path is not reachable")
+    # The repository root on the path, as pytest's `pythonpath` gives this process (the script imports flamingo).
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--dtype", "bfloat16"],
+                            capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert "skipped, --device cuda but torch sees no CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr and "round" not in result.stdout

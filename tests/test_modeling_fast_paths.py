@@ -1,0 +1,97 @@
+"""The training fast paths of modeling_flamingo against the plain formulations they replace.
+
+`FrozenMediaProjection` computes the perceiver's media keys and values with a hand-written backward pass (one
+product instead of autograd's two); it must give the plain modules' outputs and gradients. Tolerances: outputs to
+1e-6 (the forward pass runs the same float32 operations), gradients to 1e-5 of the largest entry of each gradient
+(the same sums, added in another order)."""
+
+import pytest
+import torch
+from einops import rearrange
+from tiny_models import IMAGE, tiny_config, tiny_model
+
+from flamingo.modeling_flamingo import FrozenMediaProjection, PerceiverBlock, attend
+
+
+def randomized_block(seed: int = 0) -> PerceiverBlock:
+    """A perceiver block whose norms are not at 1 and 0 (the fresh values hide a swapped or dropped weight)."""
+    torch.manual_seed(seed)
+    block = PerceiverBlock(tiny_config())
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return block
+
+
+def plain_block_forward(block: PerceiverBlock, latents: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+    """The block as OpenFlamingo writes it: keys and values projected from [norm(media); norm(latents)]."""
+    media, normed_latents = block.norm_media(media), block.norm_latents(latents)
+    query = block.to_q(normed_latents)
+    key, value = block.to_kv(torch.cat([media, normed_latents], dim=1)).chunk(2, dim=-1)
+    query, key, value = (rearrange(x, "n t (h d) -> n h t d", h=block.heads) for x in (query, key, value))
+    latents = block.to_out(attend(block, query, key, value, None, block.scale)) + latents
+    return block.feed_forward(latents) + latents
+
+
+def gradients(block: PerceiverBlock, forward, latents, media) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    block.zero_grad(set_to_none=True)
+    latents = latents.detach().requires_grad_(True)
+    output = forward(latents, media)
+    (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in block.named_parameters()}
+    return output.detach(), grads | {"latents": latents.grad.clone()}
+
+
+def test_frozen_media_projection_gradients_are_exact_in_float64():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=generator)
+    weight, bias = (torch.randn(8, dtype=torch.float64, generator=generator, requires_grad=True) for _ in range(2))
+    kv_weight = torch.randn(12, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, b, kv: FrozenMediaProjection.apply(x, w, b, kv, 1e-5), (weight, bias, kv_weight))
+
+
+def test_perceiver_block_training_pass_equals_the_concatenated_projection():
+    block = randomized_block()
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(4, 8, 32, generator=generator)
+    media = torch.randn(4, 2 * 16, 32, generator=generator)  # two frames of 16 patches: frozen features, no grad
+    fast_output, fast = gradients(block, block, latents, media)
+    plain_output, plain = gradients(block, lambda lat, med: plain_block_forward(block, lat, med), latents, media)
+    torch.testing.assert_close(fast_output, plain_output, rtol=0, atol=1e-6)
+    assert fast.keys() == plain.keys()
+    for name, expected in plain.items():
+        difference, scale = (fast[name] - expected).abs().max().item(), expected.abs().max().item()
+        assert difference <= 1e-5 * scale, f"{name}: gradients differ by {difference:.2e} (largest entry {scale:.2e})"
+
+
+def test_trainable_vision_features_take_the_plain_path_and_get_gradients():
+    block = randomized_block()
+    media = torch.randn(2, 16, 32, requires_grad=True)
+    block(torch.randn(2, 8, 32), media).sum().backward()
+    assert media.grad is not None and media.grad.abs().sum() > 0
+
+
+def test_under_bfloat16_autocast_gradients_keep_the_parameters_dtype():
+    block = randomized_block()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = block(torch.randn(2, 8, 32), torch.randn(2, 16, 32))
+    output.float().sum().backward()
+    for name, parameter in block.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+def test_training_forward_gives_the_inference_logits(lm):
+    """The trainable-perceiver forward (fast paths on) and the no-grad one (plain paths) give the same logits."""
+    model = tiny_model(lm)
+    model.set_trainable()
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(3, 97, (2, 12), generator=generator)
+    input_ids[:, [1, 6]] = IMAGE
+    vision_x = torch.randn(2, 2, 1, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, vision_x=vision_x).logits
+    logits = model(input_ids=input_ids, vision_x=vision_x).logits
+    assert logits.requires_grad
+    torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=1e-5)
