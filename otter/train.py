@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--data", default=DEFAULT_DATA, help="a mixture file (YAML/JSON), or bundled toy data: toy (questions about "
         "shapes, the default), toy-icl (made-up names that only the in-context examples give), toy-mixture (both), "
         "toy-video (which way a shape moves, over 5 frames)")
-    add("--heldout", help="MIMIC-IT instructions JSON of the held-out split (images/train-config beside it)")
+    add("--heldout", help="with a mixture file: the MIMIC-IT instructions JSON of a held-out split (its images.json "
+        "and, if present, train_config.json beside it)")
     add("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     add("--trainable", choices=["auto", "otter", "all", "lora"], default="auto",
         help="otter: perceiver + cross-attention + new token rows; all: everything; lora: otter + LoRA on the LM; "

@@ -165,8 +165,8 @@ def load_datasets(args: argparse.Namespace, processor: OtterProcessor) -> tuple[
         train_set, heldout = load_mixture(args.data), {}
         if args.heldout:
             folder = Path(args.heldout).parent
-            heldout["heldout"] = MimicItDataset(args.heldout, folder / "images.json",
-                                                folder / "train_config.json" if (folder / "train_config.json").is_file() else None,
+            config = folder / "train_config.json"
+            heldout["heldout"] = MimicItDataset(args.heldout, folder / "images.json", config if config.is_file() else None,
                                                 seed=args.seed)
     return UsableSamples(train_set, processor, max_length=args.max_length), heldout
 
@@ -220,6 +220,7 @@ def loop(run: Run) -> tuple[int, float, bool]:
 
 
 PROBE_SAMPLES = 64  # per task: enough to see the curve rise, few enough to cost a second or two
+WHOLE_MODEL = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 def probe(run: Run, step: int, log: StepLog, bar: tqdm) -> None:
@@ -238,9 +239,6 @@ def probe(run: Run, step: int, log: StepLog, bar: tqdm) -> None:
         accelerator.log(scores, step=step)
         bar.write(f"step {step}: " + ", ".join(f"{name} {value:.3f}" for name, value in scores.items()))
     accelerator.wait_for_everyone()
-
-
-WHOLE_MODEL = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 # ---- the end --------------------------------------------------------------------------------------
