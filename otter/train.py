@@ -6,8 +6,10 @@
 
 Writes to `--output-dir`: `checkpoints/step-NNNNNN/` (accelerate state, written atomically, the last
 `--keep-checkpoints` kept, the final step always among them), `model/` (`save_pretrained` + processor), `runs/`
-(TensorBoard), `loss.png`, and `summary.json` with the held-out accuracy, with real and with blank images. The
-model is then the default of otter-generate, otter-chat and otter-demo (see `otter.defaults`).
+(TensorBoard, with held-out probes every `--eval-every` steps), `loss.png`, and `summary.json` with, per task, the
+held-out accuracy with its in-context examples, without them and with blank images. `--data` also takes the bundled
+toy sets (`toy`, `toy-icl`, `toy-mixture`, `toy-video`: otter.data.main_job). The model is then the default of
+otter-generate, otter-chat and otter-demo (see `otter.defaults`).
 """
 
 from __future__ import annotations
