@@ -34,12 +34,13 @@ EXTRA_CONDITIONS: dict[str, dict[str, Callable[[InstructionSample], InstructionS
     "video": {"single_frame": single_frame}}
 
 
-def bundled_data(name: str = DEFAULT_DATA, seed: int = 0) -> tuple[WeightedMixture, dict[str, MimicItDataset]]:
+def bundled_data(name: str = DEFAULT_DATA, seed: int = 0) -> tuple[MimicItDataset | WeightedMixture, dict[str, MimicItDataset]]:
     """The training mixture of the named set's tasks (each drawn as often as the others), and each task's held-out
     split by task name."""
     if name not in TASKS_OF:
         raise ValueError(f"unknown bundled data {name!r}; expected one of {', '.join(TASKS_OF)}")
     paths = {task: TASKS[task]() for task in TASKS_OF[name]}
     train = [MimicItDataset(**files["train"], seed=seed) for files in paths.values()]
-    mixture = WeightedMixture(train, [1.0] * len(train), length=sum(map(len, train)), seed=seed)
+    # One task trains on its dataset as it is, in the order the main job has always had.
+    mixture = train[0] if len(train) == 1 else WeightedMixture(train, [1.0] * len(train), length=sum(map(len, train)), seed=seed)
     return mixture, {task: MimicItDataset(**files["heldout"], seed=seed) for task, files in paths.items()}
