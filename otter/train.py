@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flamingo.arguments import int_at_least
 from flamingo.cli import add_debug_flag, run_command
-from otter.defaults import DEFAULT_DATA, DEFAULT_OUTPUT_DIR, TINY_OTTER, model_to_train
+from otter.defaults import BUNDLED_DATA, DEFAULT_DATA, DEFAULT_OUTPUT_DIR, TINY_OTTER, model_to_train
 
 
 def positive_float(text: str) -> float:
@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--num-workers", type=int_at_least(0), default=0)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    if args.data not in BUNDLED_DATA and not Path(args.data).is_file():
+        parser.error(f"--data {args.data!r} is neither a mixture file nor bundled data ({', '.join(BUNDLED_DATA)})")
     args.model = args.model or model_to_train(args.data)
     return args
 

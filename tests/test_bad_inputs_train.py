@@ -144,3 +144,8 @@ def test_a_failed_push_keeps_the_results(tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
     assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "README.md").is_file()
     assert "held-out accuracy" in (run / "model" / "README.md").read_text()
+
+
+def test_unknown_data_names_the_bundled_sets(capsys, tmp_path):
+    error = usage_error(train_args, ["--data", str(tmp_path / "toyy")], capsys)
+    assert f"--data '{tmp_path / 'toyy'}' is neither a mixture file nor bundled data (toy, toy-icl, toy-mixture, toy-video)" in error

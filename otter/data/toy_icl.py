@@ -29,7 +29,7 @@ from PIL import Image
 
 from .mimicit import mimicit_paths, write_mimicit
 from .shapes import COLOURS, SHAPES, Shape, draw_shapes
-from .toy import SPLITS, png_bytes
+from .toy import SPLITS, default_cache_dir, png_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,6 @@ def make_toy_icl_dataset(
 def toy_icl_dataset_paths(root: str | os.PathLike | None = None) -> dict[str, dict[str, Path]]:
     """The binding task's files per split, as `MimicItDataset` keyword arguments (built on first use when absent,
     like `toy_dataset_paths`)."""
-    from .toy import default_cache_dir
-
     root = Path(root) if root is not None else BUNDLED if BUNDLED.is_dir() else default_cache_dir().with_name("toy-icl-v1")
     paths = {split: mimicit_paths(root / split) for split in SPLITS}
     if not all(path.is_file() for files in paths.values() for path in files.values()):
