@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         toy = commands.add_parser(name, help=f"build {what} (train and heldout splits)")
         toy.add_argument("out", type=Path, help=f"folder to write the splits into (the bundled copy: otter/assets/{name})")
         toy.add_argument("--seed", type=int, default=0)
-        toy.add_argument("--num-train", type=int_at_least(1), default=3000)
+        toy.add_argument("--num-train", type=int_at_least(1), help="training samples (default: the bundled copy's)")
         toy.add_argument("--num-heldout", type=int_at_least(1), default=200)
         # Bounded above: every picture is drawn in memory, and 100000 px a side would be 30 GB each.
         toy.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=32,

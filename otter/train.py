@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="otter: perceiver + cross-attention + new token rows; all: everything; lora: otter + LoRA on the LM; "
         "auto: all for a model built from scratch, otter otherwise")
     add("--train-vision-encoder", action="store_true")
-    add("--epochs", type=positive_float, default=14.0)
+    add("--epochs", type=positive_float, default=3.0)
     add("--max-steps", type=int_at_least(1), help="optimizer steps; overrides --epochs")
     add("--batch-size", type=int_at_least(1), default=16, help="per process")
     add("--grad-accum", type=int_at_least(1), default=1)

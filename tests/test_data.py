@@ -19,7 +19,7 @@ from otter.data.mixture import WeightedMixture, load_mixture
 from otter.data.multi_instruct import MultiInstructDataset
 from otter.data.samples import BadImageError, EncodedImage, InstructionSample
 from otter.data.shapes import BACKGROUND, COLOURS, draw_shape
-from otter.data.toy import ANSWERS, BUNDLED, QUESTION_TYPES, QUESTIONS, make_toy_dataset, toy_dataset_paths
+from otter.data.toy import ANSWERS, BUNDLED, NUM_TRAIN, QUESTION_TYPES, QUESTIONS, make_toy_dataset, toy_dataset_paths
 from otter.prepare_data import main as prepare_main
 from otter.processing_otter import OtterProcessor
 
@@ -485,7 +485,7 @@ def test_bundled_toy_dataset_is_the_default_build(tmp_path):
         # PNG bytes may differ with the zlib version; the pictures may not.
         assert all(pixels(EncodedImage(committed[k])()) == pixels(EncodedImage(rebuilt[k])()) for k in committed)
     train = MimicItDataset(**bundled["train"])
-    assert len(train) == 3000 and len(MimicItDataset(**bundled["heldout"])) == 200
+    assert len(train) == NUM_TRAIN and len(MimicItDataset(**bundled["heldout"])) == 200
 
 
 def test_toy_dataset_paths_builds_missing_files(tmp_path, monkeypatch):

@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> None:
         folders = [_write(folder_records(args.images, args.jsonl, bad_rows), args.out, args.jsonl, bad_rows)]
     elif args.command in ("toy", "toy-icl"):
         make = make_toy_dataset if args.command == "toy" else make_toy_icl_dataset
-        make(args.out, seed=args.seed, num_train=args.num_train, num_heldout=args.num_heldout, image_size=args.image_size)
+        sizes = {"num_train": args.num_train} if args.num_train else {}
+        make(args.out, seed=args.seed, num_heldout=args.num_heldout, image_size=args.image_size, **sizes)
         folders = [args.out / "train", args.out / "heldout"]
     else:
         folders = [args.folder]

@@ -45,6 +45,10 @@ ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position
 QUESTION_TYPES = {question: kind for kind, question in QUESTIONS.items()}  # for per-type evaluation
 SPLITS = ("train", "heldout")
 NUM_IN_CONTEXT = 2
+# Enough pictures that the tiny Otter generalises instead of learning them: trained on 3000 for 14 epochs, it answered
+# every training count question and 84% of the held-out ones; on 16000 for under 3 epochs, 0.955 of all held-out
+# questions (seed 0).
+NUM_TRAIN = 16000
 # The committed copy (`python scripts/prepare_data.py toy`) of `make_toy_dataset` with its defaults.
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "toy"
 
@@ -149,7 +153,7 @@ def _write_split(
 
 
 def make_toy_dataset(
-    out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 3000, num_heldout: int = 200, image_size: int = 32
+    out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = NUM_TRAIN, num_heldout: int = 200, image_size: int = 32
 ) -> dict[str, Path]:
     """Write the toy dataset's train and held-out splits under `out_dir/{train,heldout}/`.
 
@@ -161,10 +165,11 @@ def make_toy_dataset(
         raise ValueError(
             f"each split needs at least {smallest} samples, for {NUM_IN_CONTEXT} in-context examples per query"
         )
-    meta = {"name": "otter-toy-shapes", "version": "1", "seed": seed, "image_size": image_size, "questions": QUESTIONS}
+    meta = {"name": "otter-toy-shapes", "version": "2", "seed": seed, "image_size": image_size, "questions": QUESTIONS}
     forbidden: set[bytes] = set()
     paths = {}
-    for split, count in zip(SPLITS, (num_train, num_heldout), strict=True):
+    # The held-out split first, so that it is the same whatever the training split's size.
+    for split, count in reversed(list(zip(SPLITS, (num_train, num_heldout), strict=True))):
         rng = random.Random(f"otter-toy:{seed}:{split}")
         items = _draw_split(count, image_size, rng, forbidden)
         written = _write_split(Path(out_dir) / split, split, items, meta, rng)
@@ -176,7 +181,7 @@ def make_toy_dataset(
 def default_cache_dir() -> Path:
     """Where the toy dataset is built when the committed copy is not there (an installed package)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "otter" / "toy-v1"
+    return cache / "otter" / "toy-v2"
 
 
 def toy_dataset_paths(root: str | os.PathLike | None = None) -> dict[str, dict[str, Path]]:
