@@ -1,11 +1,15 @@
 """The in-context toy task (otter.data.toy_icl) and the main job's data (otter.data.main_job)."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
-from tiny_models import TINY_OTTER_DIR
+from tiny_models import ROOT, TINY_OTTER_DIR
 
 from otter import OtterProcessor
 from otter.data.main_job import TASKS, TASKS_OF, bundled_data
@@ -118,3 +122,32 @@ def test_video_data_trains_the_video_model_unless_told_otherwise():
 
     assert parse_args(["--data", "toy-video"]).model == "tiny-otter-video"
     assert parse_args([]).model == "tiny-otter" and parse_args(["--data", "toy-video", "--model", "x"]).model == "x"
+
+
+@pytest.mark.slow
+def test_experiment_script_probes_names_and_answer_positions():
+    """scripts/experiment_icl.py (the README's in-context experiments) on 2 steps: the probe names every answer
+    position (5 letters, <|endofchunk|>, and the colour word with --colour-word)."""
+    command = [sys.executable, "scripts/experiment_icl.py", "--steps", "2", "--probe-every", "2", "--batch-size", "4",
+               "--letters", "distinct", "--query", "same", "--colour-word", "--supervise", "queries", "--vqa-share", "0.5"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = re.search(r"step 2: held-out names ([\d.]+), per position ((?:[\d.]+ ?)+) vqa ([\d.]+)", result.stdout)
+    assert probe is not None, result.stdout
+    assert 0 <= float(probe[1]) <= 1 and len(probe[2].split()) == 7 and 0 <= float(probe[3]) <= 1
+    assert "final, 100 held-out episodes: {'with_examples':" in result.stdout
+
+
+def test_experiment_script_draws_different_episodes():
+    import argparse
+    import random
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from experiment_icl import Episodes
+
+    args = argparse.Namespace(examples=2, colour_word=False, question="What is it called?", query="colour")
+    draw = Episodes(args, random.Random(0))
+    drawn = [draw(["badak", "tefol", "nisub", "gopul"], 1) for _ in range(8)]
+    assert len({tuple(e.chunks) for e in drawn}) > 1
+    assert all(e.chunks[-1][1] in [answer for _, answer in e.chunks[:-1]] for e in drawn)
