@@ -439,6 +439,17 @@ class Counters:
     largest_batch: int = 0
     cancelled_rows: int = 0
     refused_queue_full: int = 0
+    # Where the worker's time goes (`scripts/benchmark_serve.py` prints them per level): the prompt passes, split
+    # into the images (vision tower and perceiver) and the language model, the decoding steps, and the rows' own
+    # work; `images_encoded` counts images (a row's padding images too), `prompt_positions` the prompt tokens run
+    # (left padding included), and `decoded_rows` the rows of all decoding steps.
+    image_seconds: float = 0.0
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    row_seconds: float = 0.0  # each row's own work after a step: detokenizing, stop strings, handing the text over
+    images_encoded: int = 0
+    prompt_positions: int = 0
+    decoded_rows: int = 0
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -664,8 +675,14 @@ class Scheduler:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self.counters.generate_calls += 1
-        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, vision_x=inputs.get("vision_x"),
-                       use_cache=True)
+        media = self._encode_images(inputs.get("vision_x"))
+        started = time.perf_counter()
+        # Only the last position's logits choose a token (as in `generate`'s first step): the language-model head
+        # over a 32000-token vocabulary at every prompt position would be a fifth of the prompt pass.
+        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, media_cache=media, use_cache=True,
+                       logits_to_keep=1)
+        self.counters.prompt_seconds += time.perf_counter() - started
+        self.counters.prompt_positions += ids.numel()
         # The image a token after the prompt attends to: that of a text token appended to it.
         attended = model.attended_images(torch.cat([ids, torch.full_like(ids[:, :1], pad)], dim=1))[:, -1]
         rows = [row for job in jobs for row in job.rows]
@@ -675,10 +692,22 @@ class Scheduler:
                              self._choose(output.logits[:, -1], sampling), media)
         return self._advance(batch)
 
+    def _encode_images(self, vision_x: torch.Tensor | None) -> MediaCache | None:
+        """The perceiver latents of the joining rows' images (timed apart from the language model's pass)."""
+        if vision_x is None:
+            return None
+        started = time.perf_counter()
+        media = self.chat.model.encode_images(vision_x)
+        self.counters.image_seconds += time.perf_counter() - started
+        self.counters.images_encoded += vision_x.shape[0] * vision_x.shape[1]
+        return media
+
     @torch.inference_mode()
     def _decode(self, batch: RunningBatch) -> RunningBatch | None:
         """One decoding step of every row; the batch without the rows that ended (None when none is left)."""
         self.counters.decode_steps += 1
+        self.counters.decoded_rows += len(batch.rows)
+        started = time.perf_counter()
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         output = self.chat.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.mask,
                                  position_ids=batch.positions[:, None], cache=batch.cache, media_cache=batch.media,
@@ -686,6 +715,7 @@ class Scheduler:
         batch.cache, batch.media = output.cache, output.media_cache
         batch.positions = batch.positions + 1
         batch.next_tokens = self._choose(output.logits[:, -1], batch.rows[0].job.sampling)
+        self.counters.decode_seconds += time.perf_counter() - started
         return self._advance(batch)
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -702,8 +732,10 @@ class Scheduler:
     def _advance(self, batch: RunningBatch) -> RunningBatch | None:
         """Hand every row its chosen token; rows that ended leave the batch, jobs whose rows all ended leave
         `running`."""
+        started = time.perf_counter()
         for row, token in zip(batch.rows, batch.next_tokens.tolist(), strict=True):
             row.step(token, self.end_ids)
+        self.counters.row_seconds += time.perf_counter() - started
         going = [index for index, row in enumerate(batch.rows) if row.finish_reason is None]
         ended = {id(row.job): row.job for row in batch.rows if row.finish_reason is not None}
         self._leave([job for job in ended.values() if all(row.finish_reason is not None for row in job.rows)])
@@ -800,7 +832,8 @@ class OtterServer:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.settings.model_id, "queued": self.scheduler.queued,
-                "running": len(self.scheduler.running), **vars(self.scheduler.counters)}
+                "running": len(self.scheduler.running), "torch_threads": torch.get_num_threads(),
+                **vars(self.scheduler.counters)}
 
     def prepare(self, body: ChatCompletionRequest, loop: asyncio.AbstractEventLoop) -> Job:
         """Checks, images and tokenization of one request (in a worker thread: decoding images is slow)."""
