@@ -667,15 +667,15 @@ class Scheduler:
         """Run the prompts of `jobs` (left padded together), choose each row's first token; the rows still going."""
         model, pad = self.chat.model, self.chat.processor.pad_token_id
         device = model.device
-        inputs = {name: value.to(device) for name, value in
-                  left_pad([job.inputs for job in jobs for _ in job.rows], pad).items()}
+        texts = [{name: job.inputs[name] for name in ("input_ids", "attention_mask")} for job in jobs for _ in job.rows]
+        inputs = {name: value.to(device) for name, value in left_pad(texts, pad).items()}
+        media = self._encode_images(jobs)
         sampling = jobs[0].sampling
         if sampling.seed is not None and not sampling.greedy:
             torch.manual_seed(sampling.seed)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self.counters.generate_calls += 1
-        media = self._encode_images(inputs.get("vision_x"))
         started = time.perf_counter()
         # Only the last position's logits choose a token (as in `generate`'s first step): the language-model head
         # over a 32000-token vocabulary at every prompt position would be a fifth of the prompt pass.
@@ -692,15 +692,19 @@ class Scheduler:
                              self._choose(output.logits[:, -1], sampling), media)
         return self._advance(batch)
 
-    def _encode_images(self, vision_x: torch.Tensor | None) -> MediaCache | None:
-        """The perceiver latents of the joining rows' images (timed apart from the language model's pass)."""
+    def _encode_images(self, jobs: list[Job]) -> MediaCache | None:
+        """The perceiver latents of every row of `jobs`, each job's images encoded once for all its `n` rows (timed
+        apart from the language model's pass)."""
+        model = self.chat.model
+        vision_x = stack_images([job.inputs for job in jobs])
         if vision_x is None:
             return None
         started = time.perf_counter()
-        media = self.chat.model.encode_images(vision_x)
+        latents = model.encode_images(vision_x.to(model.device)).latents
         self.counters.image_seconds += time.perf_counter() - started
         self.counters.images_encoded += vision_x.shape[0] * vision_x.shape[1]
-        return media
+        rows = torch.tensor([len(job.rows) for job in jobs], device=latents.device)
+        return MediaCache(latents.repeat_interleave(rows, dim=0))
 
     @torch.inference_mode()
     def _decode(self, batch: RunningBatch) -> RunningBatch | None:
@@ -760,8 +764,7 @@ def _as_list(value: int | list[int] | None) -> list[int]:
 
 def left_pad(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One-row model inputs -> a batch: `input_ids` and `attention_mask` padded on the left (generation appends on
-    the right), `vision_x` zero-padded to the most images of any row (padding images are never attended) and its
-    clips stretched to the most frames of any row, as `FlamingoProcessor` does within a batch."""
+    the right), and the rows' images stacked as `stack_images` does, as `FlamingoProcessor` batches them."""
     length = max(row["input_ids"].shape[1] for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -770,17 +773,26 @@ def left_pad(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str
         input_ids[index, length - size :] = row["input_ids"][0]
         attention_mask[index, length - size :] = row["attention_mask"][0]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    with_images = [row["vision_x"] for row in rows if "vision_x" in row]
-    if with_images:
-        most = max(vision_x.shape[1] for vision_x in with_images)
-        frames = max(vision_x.shape[2] for vision_x in with_images)  # video rows: the processor's frame padding
-        vision_x = with_images[0].new_zeros((len(rows), most, frames, *with_images[0].shape[3:]))
-        for index, row in enumerate(rows):
-            if "vision_x" in row:
-                own = row["vision_x"][0]
-                vision_x[index, : own.shape[0]] = own[:, stretch_indices(own.shape[1], frames)]
+    vision_x = stack_images(rows)
+    if vision_x is not None:
         batch["vision_x"] = vision_x
     return batch
+
+
+def stack_images(rows: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """The `vision_x` of one-row model inputs as one batch (None when no row has images): zero-padded to the most
+    images of any row (padding images are never attended), clips stretched to the most frames of any row."""
+    with_images = [row["vision_x"] for row in rows if "vision_x" in row]
+    if not with_images:
+        return None
+    most = max(vision_x.shape[1] for vision_x in with_images)
+    frames = max(vision_x.shape[2] for vision_x in with_images)  # video rows: the processor's frame padding
+    vision_x = with_images[0].new_zeros((len(rows), most, frames, *with_images[0].shape[3:]))
+    for index, row in enumerate(rows):
+        if "vision_x" in row:
+            own = row["vision_x"][0]
+            vision_x[index, : own.shape[0]] = own[:, stretch_indices(own.shape[1], frames)]
+    return vision_x
 
 
 # ---- the HTTP application --------------------------------------------------------------------------
