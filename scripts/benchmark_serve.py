@@ -109,6 +109,15 @@ class ServerProcess:
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
 
+    def cpu_seconds(self) -> float | None:
+        """The server process's CPU time so far, user and system, all threads (Linux /proc; None elsewhere). Unlike
+        wall-clock time it leaves out the time other programs on a shared machine take the cores."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
         try:
@@ -187,13 +196,14 @@ BREAKDOWN = ("image_seconds", "prompt_seconds", "decode_seconds", "row_seconds",
 
 def print_breakdown(levels: dict[int, tuple[dict, float]]) -> None:
     """Where the server's worker spent each level: images (vision tower and perceiver), the language model's prompt
-    passes, decoding steps and the rows' own work after each step, in seconds and per unit."""
+    passes, decoding steps and the rows' own work after each step, in seconds and per unit; `cpu` is the server
+    process's CPU time (all its threads), which a shared machine inflates less than the wall-clock columns."""
     print("where the server's time went (seconds; per image, per prompt token run, per decoding step and row):")
-    print(f"{'clients':>7} {'wall':>6} {'images':>7} {'prompts':>8} {'decode':>7} {'rows':>6} {'ms/image':>9} "
-          f"{'ms/token':>9} {'ms/step':>8} {'rows/step':>9} {'ms/row-step':>11}")
+    print(f"{'clients':>7} {'wall':>6} {'cpu':>6} {'images':>7} {'prompts':>8} {'decode':>7} {'rows':>6} "
+          f"{'ms/image':>9} {'ms/token':>9} {'ms/step':>8} {'rows/step':>9} {'ms/row-step':>11}")
     for clients, (spent, wall) in levels.items():
         steps, rows = max(spent["decode_steps"], 1), max(spent["decoded_rows"], 1)
-        print(f"{clients:>7} {wall:>6.1f} {spent['image_seconds']:>7.1f} {spent['prompt_seconds']:>8.1f} "
+        print(f"{clients:>7} {wall:>6.1f} {spent['cpu_seconds']:>6.1f} {spent['image_seconds']:>7.1f} {spent['prompt_seconds']:>8.1f} "
               f"{spent['decode_seconds']:>7.1f} {spent['row_seconds']:>6.2f} "
               f"{1000 * spent['image_seconds'] / max(spent['images_encoded'], 1):>9.0f} "
               f"{1000 * spent['prompt_seconds'] / max(spent['prompt_positions'], 1):>9.1f} "
@@ -229,10 +239,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{'steps':>6} {'identical':>9}")
             throughput, identical_everywhere, levels = {}, True, {}
             for clients in args.clients:
-                before = server.health()
+                before, cpu_before = server.health(), server.cpu_seconds()
                 results, seconds = run_level(client, model.id, messages, clients, args.requests, args.new_tokens)
-                after = server.health()
+                after, cpu_after = server.health(), server.cpu_seconds()
                 spent = {key: after[key] - before[key] for key in BREAKDOWN}
+                spent["cpu_seconds"] = cpu_after - cpu_before if cpu_before is not None else float("nan")
                 levels[clients] = (spent, seconds)
                 identical = all(result.answer == alone[result.prompt] for result in results)
                 identical_everywhere &= identical
@@ -245,6 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average {os.getloadavg()[0]:.1f} after the last level")
     print(f"greedy_answers_identical={identical_everywhere}")
     if 1 in throughput and 16 in throughput:
+        # Per request, the server's CPU time at one client over that at 16: about what the throughput ratio would
+        # be on cores the server had to itself (a check on a ratio measured while the machine is shared).
+        cpu = {clients: spent["cpu_seconds"] / args.requests for clients, (spent, _) in levels.items()}
+        print(f"server_cpu_seconds_per_request: 1 client {cpu[1]:.2f}, 16 clients {cpu[16]:.2f} "
+              f"(ratio {cpu[1] / cpu[16]:.2f})")
         print(f"serve_throughput_ratio_16_vs_1={throughput[16] / throughput[1]:.2f}")
     if not identical_everywhere:
         raise SystemExit("batched greedy answers differ from the answers given alone")
