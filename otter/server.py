@@ -439,6 +439,17 @@ class Counters:
     largest_batch: int = 0
     cancelled_rows: int = 0
     refused_queue_full: int = 0
+    # Where the worker's time goes (`scripts/benchmark_serve.py` prints them per level): the prompt passes, split
+    # into the images (vision tower and perceiver) and the language model, the decoding steps, and the rows' own
+    # work; `images_encoded` counts images (a row's padding images too), `prompt_positions` the prompt tokens run
+    # (left padding included), and `decoded_rows` the rows of all decoding steps.
+    image_seconds: float = 0.0
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    row_seconds: float = 0.0  # each row's own work after a step: detokenizing, stop strings, handing the text over
+    images_encoded: int = 0
+    prompt_positions: int = 0
+    decoded_rows: int = 0
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -656,16 +667,22 @@ class Scheduler:
         """Run the prompts of `jobs` (left padded together), choose each row's first token; the rows still going."""
         model, pad = self.chat.model, self.chat.processor.pad_token_id
         device = model.device
-        inputs = {name: value.to(device) for name, value in
-                  left_pad([job.inputs for job in jobs for _ in job.rows], pad).items()}
+        texts = [{name: job.inputs[name] for name in ("input_ids", "attention_mask")} for job in jobs for _ in job.rows]
+        inputs = {name: value.to(device) for name, value in left_pad(texts, pad).items()}
+        media = self._encode_images(jobs)
         sampling = jobs[0].sampling
         if sampling.seed is not None and not sampling.greedy:
             torch.manual_seed(sampling.seed)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         self.counters.generate_calls += 1
-        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, vision_x=inputs.get("vision_x"),
-                       use_cache=True)
+        started = time.perf_counter()
+        # Only the last position's logits choose a token (as in `generate`'s first step): the language-model head
+        # over a 32000-token vocabulary at every prompt position would be a fifth of the prompt pass.
+        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, media_cache=media, use_cache=True,
+                       logits_to_keep=1)
+        self.counters.prompt_seconds += time.perf_counter() - started
+        self.counters.prompt_positions += ids.numel()
         # The image a token after the prompt attends to: that of a text token appended to it.
         attended = model.attended_images(torch.cat([ids, torch.full_like(ids[:, :1], pad)], dim=1))[:, -1]
         rows = [row for job in jobs for row in job.rows]
@@ -675,10 +692,26 @@ class Scheduler:
                              self._choose(output.logits[:, -1], sampling), media)
         return self._advance(batch)
 
+    def _encode_images(self, jobs: list[Job]) -> MediaCache | None:
+        """The perceiver latents of every row of `jobs`, each job's images encoded once for all its `n` rows (timed
+        apart from the language model's pass)."""
+        model = self.chat.model
+        vision_x = stack_images([job.inputs for job in jobs])
+        if vision_x is None:
+            return None
+        started = time.perf_counter()
+        latents = model.encode_images(vision_x.to(model.device)).latents
+        self.counters.image_seconds += time.perf_counter() - started
+        self.counters.images_encoded += vision_x.shape[0] * vision_x.shape[1]
+        rows = torch.tensor([len(job.rows) for job in jobs], device=latents.device)
+        return MediaCache(latents.repeat_interleave(rows, dim=0))
+
     @torch.inference_mode()
     def _decode(self, batch: RunningBatch) -> RunningBatch | None:
         """One decoding step of every row; the batch without the rows that ended (None when none is left)."""
         self.counters.decode_steps += 1
+        self.counters.decoded_rows += len(batch.rows)
+        started = time.perf_counter()
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         output = self.chat.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.mask,
                                  position_ids=batch.positions[:, None], cache=batch.cache, media_cache=batch.media,
@@ -686,6 +719,7 @@ class Scheduler:
         batch.cache, batch.media = output.cache, output.media_cache
         batch.positions = batch.positions + 1
         batch.next_tokens = self._choose(output.logits[:, -1], batch.rows[0].job.sampling)
+        self.counters.decode_seconds += time.perf_counter() - started
         return self._advance(batch)
 
     def _choose(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -702,8 +736,10 @@ class Scheduler:
     def _advance(self, batch: RunningBatch) -> RunningBatch | None:
         """Hand every row its chosen token; rows that ended leave the batch, jobs whose rows all ended leave
         `running`."""
+        started = time.perf_counter()
         for row, token in zip(batch.rows, batch.next_tokens.tolist(), strict=True):
             row.step(token, self.end_ids)
+        self.counters.row_seconds += time.perf_counter() - started
         going = [index for index, row in enumerate(batch.rows) if row.finish_reason is None]
         ended = {id(row.job): row.job for row in batch.rows if row.finish_reason is not None}
         self._leave([job for job in ended.values() if all(row.finish_reason is not None for row in job.rows)])
@@ -728,8 +764,7 @@ def _as_list(value: int | list[int] | None) -> list[int]:
 
 def left_pad(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """One-row model inputs -> a batch: `input_ids` and `attention_mask` padded on the left (generation appends on
-    the right), `vision_x` zero-padded to the most images of any row (padding images are never attended) and its
-    clips stretched to the most frames of any row, as `FlamingoProcessor` does within a batch."""
+    the right), and the rows' images stacked as `stack_images` does, as `FlamingoProcessor` batches them."""
     length = max(row["input_ids"].shape[1] for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -738,17 +773,26 @@ def left_pad(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str
         input_ids[index, length - size :] = row["input_ids"][0]
         attention_mask[index, length - size :] = row["attention_mask"][0]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    with_images = [row["vision_x"] for row in rows if "vision_x" in row]
-    if with_images:
-        most = max(vision_x.shape[1] for vision_x in with_images)
-        frames = max(vision_x.shape[2] for vision_x in with_images)  # video rows: the processor's frame padding
-        vision_x = with_images[0].new_zeros((len(rows), most, frames, *with_images[0].shape[3:]))
-        for index, row in enumerate(rows):
-            if "vision_x" in row:
-                own = row["vision_x"][0]
-                vision_x[index, : own.shape[0]] = own[:, stretch_indices(own.shape[1], frames)]
+    vision_x = stack_images(rows)
+    if vision_x is not None:
         batch["vision_x"] = vision_x
     return batch
+
+
+def stack_images(rows: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """The `vision_x` of one-row model inputs as one batch (None when no row has images): zero-padded to the most
+    images of any row (padding images are never attended), clips stretched to the most frames of any row."""
+    with_images = [row["vision_x"] for row in rows if "vision_x" in row]
+    if not with_images:
+        return None
+    most = max(vision_x.shape[1] for vision_x in with_images)
+    frames = max(vision_x.shape[2] for vision_x in with_images)  # video rows: the processor's frame padding
+    vision_x = with_images[0].new_zeros((len(rows), most, frames, *with_images[0].shape[3:]))
+    for index, row in enumerate(rows):
+        if "vision_x" in row:
+            own = row["vision_x"][0]
+            vision_x[index, : own.shape[0]] = own[:, stretch_indices(own.shape[1], frames)]
+    return vision_x
 
 
 # ---- the HTTP application --------------------------------------------------------------------------
@@ -800,7 +844,8 @@ class OtterServer:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.settings.model_id, "queued": self.scheduler.queued,
-                "running": len(self.scheduler.running), **vars(self.scheduler.counters)}
+                "running": len(self.scheduler.running), "torch_threads": torch.get_num_threads(),
+                **vars(self.scheduler.counters)}
 
     def prepare(self, body: ChatCompletionRequest, loop: asyncio.AbstractEventLoop) -> Job:
         """Checks, images and tokenization of one request (in a worker thread: decoding images is slow)."""

@@ -81,7 +81,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m otter.serve` on loopback, until the `with` block ends."""
 
-    def __init__(self, model: str, max_batch_size: int, new_tokens: int):
+    def __init__(self, model: str, max_batch_size: int, new_tokens: int, threads: int | None):
+        self.threads = threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "otter.serve", "--model", model, "--port", str(self.port),
@@ -90,6 +91,8 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         self.process = subprocess.Popen(self.command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         text=True)
         deadline = time.monotonic() + 600
@@ -105,6 +108,15 @@ class ServerProcess:
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
+
+    def cpu_seconds(self) -> float | None:
+        """The server process's CPU time so far, user and system, all threads (Linux /proc; None elsewhere). Unlike
+        wall-clock time it leaves out the time other programs on a shared machine take the cores."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
@@ -178,6 +190,27 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+BREAKDOWN = ("image_seconds", "prompt_seconds", "decode_seconds", "row_seconds", "images_encoded", "prompt_positions",
+             "decoded_rows", "generate_calls", "decode_steps")
+
+
+def print_breakdown(levels: dict[int, tuple[dict, float]]) -> None:
+    """Where the server's worker spent each level: images (vision tower and perceiver), the language model's prompt
+    passes, decoding steps and the rows' own work after each step, in seconds and per unit; `cpu` is the server
+    process's CPU time (all its threads), which a shared machine inflates less than the wall-clock columns."""
+    print("where the server's time went (seconds; per image, per prompt token run, per decoding step and row):")
+    print(f"{'clients':>7} {'wall':>6} {'cpu':>6} {'images':>7} {'prompts':>8} {'decode':>7} {'rows':>6} "
+          f"{'ms/image':>9} {'ms/token':>9} {'ms/step':>8} {'rows/step':>9} {'ms/row-step':>11}")
+    for clients, (spent, wall) in levels.items():
+        steps, rows = max(spent["decode_steps"], 1), max(spent["decoded_rows"], 1)
+        print(f"{clients:>7} {wall:>6.1f} {spent['cpu_seconds']:>6.1f} {spent['image_seconds']:>7.1f} {spent['prompt_seconds']:>8.1f} "
+              f"{spent['decode_seconds']:>7.1f} {spent['row_seconds']:>6.2f} "
+              f"{1000 * spent['image_seconds'] / max(spent['images_encoded'], 1):>9.0f} "
+              f"{1000 * spent['prompt_seconds'] / max(spent['prompt_positions'], 1):>9.1f} "
+              f"{1000 * spent['decode_seconds'] / steps:>8.0f} {rows / steps:>9.1f} "
+              f"{1000 * spent['decode_seconds'] / rows:>11.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["scaled-9b", "tiny"], default="scaled-9b")
@@ -185,13 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per level (all levels send the same)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=8, help="distinct prompts, sent round-robin")
+    parser.add_argument("--threads", type=int, help="the server's torch threads (OMP_NUM_THREADS; default: inherited)")
     args = parser.parse_args(argv)
     from openai import OpenAI
 
     with tempfile.TemporaryDirectory(prefix="benchmark-serve-") as folder:
         sizes = CONFIGS[args.config]
         model_dir = "tiny-otter" if args.config == "tiny" else str(scaled_otter_folder(sizes, Path(folder)))
-        with ServerProcess(model_dir, max(args.clients), args.new_tokens) as server:
+        with ServerProcess(model_dir, max(args.clients), args.new_tokens, args.threads) as server:
             client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=600)
             model = client.models.list().data[0]
             messages = prompts(args.prompts, model.model_extra["image_size"])
@@ -199,24 +233,34 @@ def main(argv: list[str] | None = None) -> None:
             alone = {index: ask(client, model.id, messages[index], args.new_tokens)[0]
                      for index in range(len(messages))}
             print(f"otter-serve, {args.config} (random weights), {args.requests} streaming requests per level, "
-                  f"{args.new_tokens} new tokens each, greedy")
+                  f"{args.new_tokens} new tokens each, greedy, {server.health()['torch_threads']} torch thread(s), "
+                  f"load average {os.getloadavg()[0]:.1f} before the first level")
             print(f"{'clients':>7} {'requests/s':>11} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7} {'joins':>6} "
                   f"{'steps':>6} {'identical':>9}")
-            throughput, identical_everywhere = {}, True
+            throughput, identical_everywhere, levels = {}, True, {}
             for clients in args.clients:
-                before = server.health()
+                before, cpu_before = server.health(), server.cpu_seconds()
                 results, seconds = run_level(client, model.id, messages, clients, args.requests, args.new_tokens)
-                after = server.health()
-                joins, steps = (after[key] - before[key] for key in ("generate_calls", "decode_steps"))
+                after, cpu_after = server.health(), server.cpu_seconds()
+                spent = {key: after[key] - before[key] for key in BREAKDOWN}
+                spent["cpu_seconds"] = cpu_after - cpu_before if cpu_before is not None else float("nan")
+                levels[clients] = (spent, seconds)
                 identical = all(result.answer == alone[result.prompt] for result in results)
                 identical_everywhere &= identical
                 latencies = [result.seconds for result in results]
                 throughput[clients] = len(results) / seconds
                 print(f"{clients:>7} {throughput[clients]:>11.2f} {sum(r.tokens for r in results) / seconds:>9.1f} "
-                      f"{percentile(latencies, 0.5):>7.2f} {percentile(latencies, 0.95):>7.2f} {joins:>6} {steps:>6} "
-                      f"{str(identical):>9}")
+                      f"{percentile(latencies, 0.5):>7.2f} {percentile(latencies, 0.95):>7.2f} "
+                      f"{spent['generate_calls']:>6} {spent['decode_steps']:>6} {str(identical):>9}", flush=True)
+    print_breakdown(levels)
+    print(f"load average {os.getloadavg()[0]:.1f} after the last level")
     print(f"greedy_answers_identical={identical_everywhere}")
     if 1 in throughput and 16 in throughput:
+        # Per request, the server's CPU time at one client over that at 16: about what the throughput ratio would
+        # be on cores the server had to itself (a check on a ratio measured while the machine is shared).
+        cpu = {clients: spent["cpu_seconds"] / args.requests for clients, (spent, _) in levels.items()}
+        print(f"server_cpu_seconds_per_request: 1 client {cpu[1]:.2f}, 16 clients {cpu[16]:.2f} "
+              f"(ratio {cpu[1] / cpu[16]:.2f})")
         print(f"serve_throughput_ratio_16_vs_1={throughput[16] / throughput[1]:.2f}")
     if not identical_everywhere:
         raise SystemExit("batched greedy answers differ from the answers given alone")

@@ -194,6 +194,19 @@ def test_n_choices_seed_and_stop(client):
     assert streamed(ask(client, max_tokens=20, stop=stop, stream=True))[0] == expected
 
 
+def test_choices_of_one_request_share_its_encoded_images(client, server):
+    """The n rows of a request decode from one encoding of its images; greedy choices all equal the one answer."""
+    alone = ask(client, max_tokens=6).choices[0].message.content
+    before = health(server)
+    response = ask(client, n=3, max_tokens=6)
+    after = health(server)
+    assert [choice.message.content for choice in response.choices] == [alone] * 3
+    assert after["images_encoded"] - before["images_encoded"] == 1
+    assert after["decoded_rows"] - before["decoded_rows"] == 3 * (after["decode_steps"] - before["decode_steps"])
+    for phase in ("image_seconds", "prompt_seconds", "decode_seconds", "row_seconds"):
+        assert after[phase] > before[phase], phase
+
+
 def test_models_and_health(client, server):
     (model,) = client.models.list().data
     assert model.id == MODEL_ID and model.model_extra["image_size"] == 32 and model.model_extra["trained"] is False
