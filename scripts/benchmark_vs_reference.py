@@ -509,7 +509,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="model sizes (default: scaled-9b on CPU, 9b on CUDA)")
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     parser.add_argument("--workloads", nargs="+", default=WORKLOAD_KINDS, choices=WORKLOAD_KINDS,
-                        help="what to time (default: all; forward and train step are batch 8 with 3 images)")
+                        help="what to time (default: all; forward and the train steps are batch 8 with 3 images)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generate call (default 64)")
     parser.add_argument("--generate-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round (default 7)")
