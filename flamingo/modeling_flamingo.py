@@ -368,6 +368,79 @@ def splice_cross_attention(language_model: nn.Module, config: FlamingoConfig) ->
 
 
 # --------------------------------------------------------------------------------------------------
+# The training loss at the supervised positions only
+# --------------------------------------------------------------------------------------------------
+# Language models whose causal-LM forward is `lm_head(get_decoder()(...).last_hidden_state)` and nothing more (no logit
+# scaling or soft-capping after the head), so that `supervised_token_loss` on the decoder's output is their loss.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "mpt", "gpt_neox"})
+IGNORE_INDEX = -100
+# Rows of logits formed at once: about 32 MiB of float32 logits at a 32k vocabulary.
+LOSS_CHUNK_VALUES = 2**23
+
+
+class SupervisedTokenLoss(torch.autograd.Function):
+    """Summed cross-entropy of `linear(hidden, weight, bias)` against `targets`, divided by `denominator`, with the
+    gradients formed during the forward pass, a chunk of rows at a time.
+
+    The logits' gradient is `softmax(logits) - onehot(target)`, known as soon as the logits are: forming it at once and
+    multiplying it into the input's (and, if the head trains, the head's) gradient leaves nothing of the (rows, vocab)
+    logits alive for the backward pass. The products are the ones autograd would do (the head forward, the input's
+    gradient, the weight's if it trains), so this costs no extra arithmetic. Logits are upcast to float32 for the
+    softmax, as transformers' causal-LM loss does."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                denominator: torch.Tensor) -> torch.Tensor:
+        # hidden (K, D): the supervised positions' final hidden states; targets (K,) their next tokens
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if need_input else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        loss_dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 when checking gradients
+        total = hidden.new_zeros((), dtype=loss_dtype)
+        chunk = max(1, LOSS_CHUNK_VALUES // weight.shape[0])
+        for start in range(0, hidden.shape[0], chunk):
+            rows, wanted = hidden[start : start + chunk], targets[start : start + chunk, None]
+            logits = nn.functional.linear(rows, weight, bias).to(loss_dtype)
+            log_norm = logits.logsumexp(dim=-1, keepdim=True)
+            total += (log_norm - logits.gather(1, wanted)).sum()
+            if not (need_input or need_weight or need_bias):
+                continue
+            grad_logits = logits.sub_(log_norm).exp_().scatter_add_(1, wanted, logits.new_full(wanted.shape, -1.0))
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_input:
+                grad_hidden[start : start + chunk] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, rows.to(weight.dtype))
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, denominator)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        *grads, denominator = ctx.saved_tensors
+        scale = grad_loss / denominator
+        return *(None if grad is None else grad * scale.to(grad.dtype) for grad in grads), None, None
+
+
+def supervised_token_loss(hidden_states: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                          num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """transformers' causal-LM loss of `head(hidden_states)` against `labels` (shifted here: position t predicts
+    labels[t + 1]; -100 is ignored), computing the head only at the positions whose next label is supervised. The
+    mean over those positions, or their sum divided by `num_items_in_batch` when given (gradient accumulation)."""
+    targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten().to(hidden_states.device)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # the one host sync: how many positions are supervised
+    selected = hidden_states.flatten(0, 1).index_select(0, rows)
+    if num_items_in_batch is None:
+        denominator = torch.tensor(float(rows.numel()), device=hidden_states.device)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden_states.device)
+    return SupervisedTokenLoss.apply(selected, head.weight, head.bias, targets.index_select(0, rows), denominator)
+
+
+# --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
 def register_published_layout(model_type: str) -> None:
@@ -647,6 +720,7 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         attended_image: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         pixel_values: torch.FloatTensor | None = None,
+        loss_only: bool = False,
         **kwargs,
     ) -> FlamingoCausalLMOutput:
         r"""
@@ -657,6 +731,12 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         attended_image (B, T): the image each position attends to (see `attended_images`); needed with
             `inputs_embeds` or when `input_ids` continue a cached prefix that holds the `<image>` tokens.
         pixel_values: an alias of vision_x; `(B, C, H, W)` for one image per row (see `as_vision_x`).
+        loss_only: with `labels`, for training: compute the language model's head only at the positions whose next
+            label is supervised (not -100), and its gradients during the forward pass (`supervised_token_loss`), so
+            that no (B, T, vocab) logits tensor is made or kept for the backward pass. The loss and gradients are
+            those of the full computation (up to float rounding); `logits` is then None. Language models outside
+            `PLAIN_HEAD_MODEL_TYPES`, or a head that is not a plain `nn.Linear` (quantized, sharded by ZeRO-3), take
+            the full computation, also returning `logits=None`.
         Other arguments are the language model's.
         """
         vision_x = as_vision_x(vision_x, pixel_values)
@@ -673,27 +753,42 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         if vision_x is not None:
             media_cache = self.encode_images(vision_x)
 
-        lm_kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        if loss_only and labels is None:
+            raise ValueError("loss_only=True computes the loss alone; pass labels too")
+        lm_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "inputs_embeds": inputs_embeds,
+                     "use_cache": use_cache, **({"position_ids": position_ids} if position_ids is not None else {}), **kwargs}
         with media_context(MediaContext(media_cache, attended_image)):
-            outputs = self.lang_encoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **lm_kwargs,
-                **kwargs,
-            )
+            if loss_only and self._supervised_loss_applies():
+                outputs = self._supervised_loss_forward(labels, lm_inputs)
+            else:
+                outputs = self.lang_encoder(labels=labels, logits_to_keep=logits_to_keep, **lm_inputs)
         return FlamingoCausalLMOutput(
             loss=outputs.loss,
-            logits=outputs.logits,
+            logits=None if loss_only else outputs.logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             media_cache=media_cache,
         )
+
+    def _supervised_loss_applies(self) -> bool:
+        head, model_type = self.get_output_embeddings(), self.lang_encoder.config.model_type
+        # ZeRO-3 keeps an empty placeholder in `head.weight` outside the head's own forward call.
+        applies = model_type in PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear and not hasattr(head.weight, "ds_id")
+        if not applies:
+            logger.warning_once(f"loss_only: the {model_type} language model's head ({type(head).__name__}) takes the "
+                                "full logits computation (the supervised-positions loss covers plain heads of "
+                                f"{', '.join(sorted(PLAIN_HEAD_MODEL_TYPES))})")
+        return applies
+
+    def _supervised_loss_forward(self, labels: torch.Tensor, lm_inputs: dict) -> CausalLMOutputWithPast:
+        """The language model's decoder, then `supervised_token_loss` on its output: the causal LM's forward for
+        the models of `PLAIN_HEAD_MODEL_TYPES`, whose head is applied to the decoder's output and nothing else."""
+        num_items_in_batch = lm_inputs.pop("num_items_in_batch", None)
+        outputs = self.lang_encoder.get_decoder()(**lm_inputs)
+        loss = supervised_token_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, cache=getattr(outputs, "cache", None),
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     # ---- generation --------------------------------------------------------------------------------
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, **kwargs):

@@ -9,7 +9,10 @@ Systems (all built here with random weights, nothing downloaded):
   IDEFICS       transformers' IdeficsForVisionText2Text at the same sizes (its own random weights)
 
 Workloads: one forward pass; one training step (forward, backward, AdamW) with only the perceiver and the gated
-cross-attention trainable; greedy `generate` of exactly --new-tokens tokens with 1 and 3 images, batch 1 and 8.
+cross-attention trainable, with the next-token loss on every token ("train step") or on the answers only, as Otter's
+collator labels them ("train step answers": 3 tokens per image chunk, 9 of 32); greedy `generate` of exactly
+--new-tokens tokens with 1 and 3 images, batch 1 and 8. Each system computes its loss its own way: ours with
+`labels` and `loss_only=True` (the head at the supervised positions only), the others from their full logits.
 
 How it measures, so that a noisy (shared) machine still gives ratios that repeat:
 * every round runs every workload on every system, the systems taking turns (the order rotates from round to
@@ -130,6 +133,7 @@ class Inputs:
     input_ids: torch.Tensor  # (B, T) with one <image> token per image
     vision_x: torch.Tensor  # (B, T_img, 1, 3, H, W)
     attended_image: torch.Tensor  # (B, T) 1-based index of the image each token sees, 0 for none
+    answer_labels: torch.Tensor  # (B, T) labels on the answers only (-100 elsewhere), unshifted as transformers takes them
 
 
 class System:
@@ -145,11 +149,14 @@ class System:
     def logits(self, inputs: Inputs) -> torch.Tensor:
         return self.model(**self.model_inputs(inputs), use_cache=False).logits
 
-    def train_step(self, inputs: Inputs) -> None:
-        # The same next-token loss for every system (IDEFICS' own `labels` loss breaks with added vocabulary).
+    def loss(self, inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
+        """The mean next-token cross-entropy over the positions whose next label is not -100, from the full logits
+        (IDEFICS' own `labels` loss breaks with added vocabulary)."""
         logits = self.logits(inputs)
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), inputs.input_ids[:, 1:].flatten())
-        loss.backward()
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    def train_step(self, inputs: Inputs, labels: torch.Tensor) -> None:
+        self.loss(inputs, labels).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -167,6 +174,9 @@ class BareLM(System):
 class Ours(System):
     def model_inputs(self, inputs: Inputs) -> dict:
         return {"input_ids": inputs.input_ids, "vision_x": inputs.vision_x, "attention_mask": torch.ones_like(inputs.input_ids)}
+
+    def loss(self, inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(**self.model_inputs(inputs), labels=labels, loss_only=True, use_cache=False).loss
 
 
 class OpenFlamingo(System):
@@ -233,6 +243,9 @@ def build_systems(sizes: Sizes, folder: Path, names: list[str], device: torch.de
     return [builders[name]() for name in names]
 
 
+ANSWER_TOKENS = 3  # an answer of two tokens and the <|endofchunk|> closing it, per image chunk
+
+
 def make_inputs(sizes: Sizes, batch: int, num_images: int, media_token_id: int, generator: torch.Generator,
                 device: torch.device, dtype: torch.dtype) -> Inputs:
     """Random text with `num_images` <image> tokens spread over the prompt, and random pixels."""
@@ -241,7 +254,11 @@ def make_inputs(sizes: Sizes, batch: int, num_images: int, media_token_id: int, 
     input_ids[:, positions] = media_token_id
     attended_image = (input_ids == media_token_id).cumsum(dim=-1)
     vision_x = torch.randn(batch, num_images, 1, 3, sizes.image_size, sizes.image_size, generator=generator)
-    return Inputs(input_ids.to(device), vision_x.to(device=device, dtype=dtype), attended_image.to(device))
+    answer_labels = torch.full_like(input_ids, -100)
+    for end in [*positions[1:].tolist(), sizes.prompt_tokens]:  # the last 3 tokens of each image's chunk
+        answer_labels[:, end - ANSWER_TOKENS : end] = input_ids[:, end - ANSWER_TOKENS : end]
+    return Inputs(input_ids.to(device), vision_x.to(device=device, dtype=dtype), attended_image.to(device),
+                  answer_labels.to(device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +317,7 @@ def peak_mib(call: Callable[[], object], device: torch.device) -> float:
 
 @dataclass(frozen=True)
 class Workload:
-    kind: str  # "forward", "train step" or "generate"
+    kind: str  # one of WORKLOAD_KINDS
     batch: int
     images: int
     new_tokens: int = 0
@@ -314,11 +331,15 @@ class Workload:
         return self.batch * (self.new_tokens if self.kind == "generate" else prompt_tokens)
 
     def applies_to(self, system: System) -> bool:
-        return self.kind != "train step" or system.optimizer is not None  # the bare LM has nothing to train
+        return not self.trains or system.optimizer is not None  # the bare LM has nothing to train
+
+    @property
+    def trains(self) -> bool:
+        return self.kind.startswith("train step")
 
     def run(self, system: System, inputs: Inputs) -> None:
-        if self.kind == "train step":
-            return system.train_step(inputs)
+        if self.trains:
+            return system.train_step(inputs, inputs.answer_labels if self.kind == "train step answers" else inputs.input_ids)
         with torch.inference_mode():
             if self.kind == "forward":
                 system.logits(inputs)
@@ -327,13 +348,13 @@ class Workload:
         assert tokens.shape == (self.batch, self.new_tokens), f"{system.name} generated {tuple(tokens.shape)} tokens"
 
 
-WORKLOAD_KINDS = ["forward", "train step", "generate"]
+WORKLOAD_KINDS = ["forward", "train step", "train step answers", "generate"]
 
 
 def workloads(kinds: list[str], new_tokens: int, generate_batches: list[int]) -> list[Workload]:
     """Generation runs twice per shape: `new_tokens` tokens, and 1 token (images, prompt and the first token), so
     that the cost of one more token (the difference) is seen apart from the one-off costs."""
-    jobs = [Workload(kind, 8, 3) for kind in ("forward", "train step") if kind in kinds]
+    jobs = [Workload(kind, 8, 3) for kind in WORKLOAD_KINDS[:3] if kind in kinds]
     for batch in generate_batches if "generate" in kinds else []:
         for images in (1, 3):
             jobs += [Workload("generate", batch, images, new_tokens), Workload("generate", batch, images, 1)]
@@ -446,9 +467,9 @@ def print_train_step_profile(systems: list[System], inputs: Inputs, device: torc
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for system in (system for system in systems if system.optimizer is not None):
         for _ in range(2):
-            system.train_step(inputs)
+            system.train_step(inputs, inputs.input_ids)
         with profile(activities=activities) as profiler:
-            measure(lambda system=system: system.train_step(inputs), device)
+            measure(lambda system=system: system.train_step(inputs, inputs.input_ids), device)
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"\n{system.name}: one training step, batch {inputs.input_ids.shape[0]}, {inputs.vision_x.shape[1]} images")
         print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
@@ -472,7 +493,7 @@ def print_phases(ours: System, inputs: Inputs, device: torch.device) -> None:
         vision = best(lambda: model.vision_encoder(pixel_values=pixels))
     perceiver = best(perceiver_step)
     ours.optimizer.zero_grad(set_to_none=True)
-    total = best(lambda: ours.train_step(inputs))
+    total = best(lambda: ours.train_step(inputs, inputs.input_ids))
     print(f"ours, CPU s of one training step {total:.2f}: vision tower forward {vision:.2f} "
           f"({vision / total:.0%}), perceiver forward + backward {perceiver:.2f} ({perceiver / total:.0%}), "
           f"the rest (language model with cross-attention forward + backward, loss, AdamW) {total - vision - perceiver:.2f} "
@@ -488,7 +509,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="model sizes (default: scaled-9b on CPU, 9b on CUDA)")
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     parser.add_argument("--workloads", nargs="+", default=WORKLOAD_KINDS, choices=WORKLOAD_KINDS,
-                        help="what to time (default: all; forward and train step are batch 8 with 3 images)")
+                        help="what to time (default: all; forward and the train steps are batch 8 with 3 images)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generate call (default 64)")
     parser.add_argument("--generate-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round (default 7)")

@@ -48,8 +48,8 @@ def test_ours_and_openflamingo_are_the_same_model(report):
 def test_every_workload_and_system_has_a_row(report):
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and "---" not in line]
     measured = {(cells[0].strip("| "), cells[3]) for cells in rows if len(cells) == 12 and cells[0] != "| workload"}
-    workloads = ["forward", "train step", "generate 3", "generate 1"]
-    expected = {(w, s) for w in workloads for s in SYSTEMS if not (w == "train step" and s == "bare LM")}
+    workloads = ["forward", "train step", "train step answers", "generate 3", "generate 1"]
+    expected = {(w, s) for w in workloads for s in SYSTEMS if not (w.startswith("train step") and s == "bare LM")}
     assert measured == expected
     per_token = {cells[2] for cells in rows if len(cells) == 6 and cells[0] != "| batch"}
     assert per_token == set(SYSTEMS)
@@ -63,6 +63,21 @@ def test_ratios_are_paired_by_round(report):
     for cell in cells:
         median, low, high = map(float, re.fullmatch(r"(\S+) \((\S+)-(\S+)\)", cell).groups())
         assert low <= median <= high
+
+
+def test_ours_loss_only_training_loss_is_openflamingo_s_on_both_label_sets(tmp_path):
+    """The training step's losses on the same weights: ours through `labels` + `loss_only`, OpenFlamingo from its
+    full logits; the answers-only labels supervise 3 tokens per image chunk."""
+    import torch
+
+    benchmark = load_script()
+    sizes = benchmark.CONFIGS["tiny"]
+    ours, reference = benchmark.build_systems(sizes, tmp_path, ["ours", "OpenFlamingo"], torch.device("cpu"), torch.float32)
+    inputs = benchmark.make_inputs(sizes, 2, 3, ours.model.config.media_token_id, torch.Generator().manual_seed(0),
+                                   torch.device("cpu"), torch.float32)
+    assert ((inputs.answer_labels != -100).sum(dim=1) == 3 * benchmark.ANSWER_TOKENS).all()
+    for labels in (inputs.input_ids, inputs.answer_labels):
+        assert abs(ours.loss(inputs, labels).item() - reference.loss(inputs, labels).item()) < 1e-5
 
 
 def test_paired_ratio_takes_the_median_of_per_round_ratios():

@@ -95,3 +95,76 @@ def test_training_forward_gives_the_inference_logits(lm):
     logits = model(input_ids=input_ids, vision_x=vision_x).logits
     assert logits.requires_grad
     torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=1e-5)
+
+
+def labelled_batch(seed: int = 3) -> dict[str, torch.Tensor]:
+    """Two rows with two images, left padding in row 1, and labels on a few answer-like spans only."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 97, (2, 12), generator=generator)
+    input_ids[:, [1, 6]] = IMAGE
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 3:6], labels[0, 9:], labels[1, 8:11] = input_ids[0, 3:6], input_ids[0, 9:], input_ids[1, 8:11]
+    vision_x = torch.randn(2, 2, 1, 3, 32, 32, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "vision_x": vision_x}
+
+
+def loss_and_gradients(model, **inputs) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    outputs = model(**inputs)
+    outputs.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return outputs, grads
+
+
+@pytest.mark.parametrize("lm", ["llama", "mpt", "gpt_neox"])
+@pytest.mark.parametrize("all_labels", [False, True], ids=["answers", "all tokens"])
+@pytest.mark.parametrize("num_items_in_batch", [None, 7])
+def test_loss_only_gives_the_full_computation_s_loss_and_gradients(lm, all_labels, num_items_in_batch):
+    """`loss_only=True` (the head at the supervised positions, its gradients formed in the forward pass) against the
+    language model's own loss on full logits; the output embeddings train (Otter's recipe: the added tokens' rows)."""
+    model = tiny_model(lm)
+    model.set_trainable()
+    inputs = labelled_batch()
+    if all_labels:
+        inputs["labels"] = inputs["input_ids"].clone()
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    full, expected = loss_and_gradients(model, **inputs, **extra)
+    fast, grads = loss_and_gradients(model, **inputs, **extra, loss_only=True)
+    assert fast.logits is None and full.logits is not None
+    assert abs(fast.loss.item() - full.loss.item()) <= 1e-6 * max(1.0, abs(full.loss.item()))
+    head = [name for name, p in model.named_parameters() if p is model.get_output_embeddings().weight]  # maybe tied
+    assert grads.keys() == expected.keys() and head and head[0] in grads
+    for name, gradient in expected.items():
+        difference = (grads[name] - gradient).abs().max().item()
+        assert difference <= 1e-6 * max(1.0, gradient.abs().max().item()), f"{name}: gradients differ by {difference:.2e}"
+
+
+def test_loss_only_in_float64_passes_gradcheck():
+    from flamingo.modeling_flamingo import SupervisedTokenLoss
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets, denominator = torch.tensor([0, 8, 3, 3, 1]), torch.tensor(4.0, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda h, w, b: SupervisedTokenLoss.apply(h, w, b, targets, denominator), (hidden, weight, bias))
+
+
+def test_loss_only_without_grad_and_without_labels():
+    model = tiny_model()
+    inputs = labelled_batch()
+    with torch.no_grad():
+        expected = model(**inputs).loss
+        assert torch.allclose(model(**inputs, loss_only=True).loss, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_only=True computes the loss alone; pass labels"):
+        model(input_ids=inputs["input_ids"], vision_x=inputs["vision_x"], loss_only=True)
+
+
+def test_loss_only_on_a_language_model_outside_the_plain_heads_takes_the_full_computation():
+    model = tiny_model("opt")
+    inputs = labelled_batch()
+    with torch.no_grad():
+        expected, outputs = model(**inputs).loss, model(**inputs, loss_only=True)
+    assert outputs.logits is None and torch.equal(outputs.loss, expected)
