@@ -25,9 +25,11 @@ import itertools
 import random
 import time
 
+from otter.data.toy_icl import CONSONANTS, ENDINGS, MIDDLES, VOWELS
+
 LETTERS = {
-    # The shipped task's letter sets (otter.data.toy_icl): vowels at two places, d/f/k at two places.
-    "shared": ("bdfgnpstw", "aeiou", "dfk", "aeiou", "bcdfkl"),
+    # The shipped task's letter sets: vowels at two places, d/f/k at two places.
+    "shared": (CONSONANTS, VOWELS, MIDDLES, VOWELS, ENDINGS),
     # A letter set of its own per place (no token of one set occurs in another), so a letter's kind says its place.
     "distinct": ("bcdfgnpstw", "aei", "dfhkp", "ouy", "blnsw"),
 }
@@ -171,7 +173,9 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         model(**batch()).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
         if step % args.probe_every == 0 or step == args.steps:
             model.eval()
             names = answer_accuracy(model, processor, heldout[:64])
