@@ -21,7 +21,14 @@ from pathlib import Path
 
 from flamingo.arguments import int_at_least
 from flamingo.cli import add_debug_flag, run_command
-from otter.defaults import BUNDLED_DATA, DEFAULT_DATA, DEFAULT_OUTPUT_DIR, TINY_OTTER, model_to_train
+from otter.defaults import (
+    BUNDLED_DATA,
+    COPYING_STEPS_FOR_DATA,
+    DEFAULT_DATA,
+    DEFAULT_OUTPUT_DIR,
+    TINY_OTTER,
+    model_to_train,
+)
 
 
 def positive_float(text: str) -> float:
@@ -48,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="otter: perceiver + cross-attention + new token rows; all: everything; lora: otter + LoRA on the LM; "
         "auto: all for a model built from scratch, otter otherwise")
     add("--train-vision-encoder", action="store_true")
+    add("--copying-steps", type=int_at_least(0), help="first train the language model alone this many steps to copy "
+        "random text (otter.data.copying; default for a model built from scratch: "
+        + ", ".join(f"{steps} with --data {data}" for data, steps in COPYING_STEPS_FOR_DATA.items()) + ", else 0)")
     add("--epochs", type=positive_float, default=3.0)
     add("--max-steps", type=int_at_least(1), help="optimizer steps; overrides --epochs")
     add("--batch-size", type=int_at_least(1), default=16, help="per process")

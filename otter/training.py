@@ -30,10 +30,11 @@ from flamingo.hub import push_folder, write_model_card
 from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator, UsableSamples
+from otter.data.copying import copying_accuracy, copying_batch
 from otter.data.main_job import EXTRA_CONDITIONS, bundled_data
 from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import load_mixture
-from otter.defaults import BUNDLED_DATA, record_trained_model
+from otter.defaults import BUNDLED_DATA, copying_steps_for, record_trained_model
 from otter.distributed import configure_deepspeed, hide_zero3_from_transformers, make_accelerator
 from otter.evaluate import answer_accuracy, task_scores
 
@@ -57,6 +58,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     start_step: int
+    copying: dict | None  # what pretrain_copying did, None if nothing
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -89,6 +91,8 @@ def setup(args: argparse.Namespace) -> Run:
     with hide_zero3_from_transformers(accelerator):  # zero3_init_flag is false (configure_deepspeed)
         model, processor, from_scratch = load_model_and_processor(args)
     trainable = configure_trainable(model, args, from_scratch)
+    copying = pretrain_copying(model, processor, copying_steps(args, from_scratch), args,
+                               show_progress=accelerator.is_local_main_process)
     if args.gradient_checkpointing:
         enable_checkpointing(model)
     train_set, heldout_sets = load_datasets(args, processor)
@@ -119,7 +123,7 @@ def setup(args: argparse.Namespace) -> Run:
                 accelerator.distributed_type.value, zero_stage(accelerator), accelerator.mixed_precision)
     logger.info("process %d holds %s parameter values", accelerator.process_index, f"{local_parameter_count(model):,}")
     return Run(args, accelerator, model, processor, optimizer, scheduler, loader, train_set, heldout_sets, checkpoints,
-               steps_per_epoch, total_steps, start_step)
+               steps_per_epoch, total_steps, start_step, copying)
 
 
 def load_model_and_processor(args: argparse.Namespace) -> tuple[OtterModel, OtterProcessor, bool]:
@@ -146,6 +150,32 @@ def open_gates(model: OtterModel, value: float = 0.5) -> None:
             if layer.gated_cross_attn_layer is not None:
                 layer.gated_cross_attn_layer.attn_gate.fill_(value)
                 layer.gated_cross_attn_layer.ff_gate.fill_(value)
+
+
+def copying_steps(args: argparse.Namespace, from_scratch: bool) -> int:
+    if args.copying_steps is not None:
+        return args.copying_steps
+    return copying_steps_for(args.data, from_scratch)  # (a resumed run then loads its checkpoint's weights)
+
+
+def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, args: argparse.Namespace,
+                     show_progress: bool = True) -> dict | None:
+    """Train the language model alone on copying for `steps` steps (its own AdamW, `--lr`, `--batch-size`); returns
+    the steps, seconds and copying accuracy afterwards (for summary.json), None when `steps` is 0. Runs before accelerate wraps the model, the same on
+    every process (same seed, same batches), so the processes stay identical without communicating."""
+    if steps == 0:
+        return None
+    language_model, vocab_size = model.lang_encoder, processor.tokenizer.vocab_size  # below Otter's added tokens
+    generator, started = torch.Generator().manual_seed(args.seed), time.perf_counter()
+    optimizer = torch.optim.AdamW([p for p in language_model.parameters() if p.requires_grad], lr=args.lr)
+    for _ in tqdm(range(steps), desc="copying", disable=not show_progress, mininterval=2.0):
+        language_model(**copying_batch(vocab_size, args.batch_size, generator)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    accuracy = copying_accuracy(language_model, vocab_size, torch.Generator().manual_seed(args.seed + 1))
+    seconds = time.perf_counter() - started
+    logger.info("copying pretraining: %d steps in %.0f s, accuracy %.3f on fresh sequences", steps, seconds, accuracy)
+    return {"steps": steps, "seconds": round(seconds, 1), "accuracy": round(accuracy, 4)}
 
 
 def enable_checkpointing(model: OtterModel) -> None:
@@ -250,6 +280,8 @@ def finish(run: Run, step: int, train_seconds: float) -> dict:
     model_dir = args.output_dir / "model"
     state_dict = accelerator.get_state_dict(run.model)  # gathered on the main process, on every strategy
     summary = {"steps": step, "train_seconds": round(train_seconds, 1), "model_dir": str(model_dir)}
+    if run.copying:
+        summary["copying"] = run.copying
     # Only this process loads and generates: under ZeRO-3, transformers would make both collectives (zero.Init,
     # generate's synced_gpus) and wait for the other processes forever.
     with hide_zero3_from_transformers(accelerator):

@@ -5,9 +5,10 @@ Trains the model `otter-train` trains (same loading, trainable set, gates, AdamW
 and greedy scorer) on episodes drawn on the fly, so that every variant costs only a flag, and every `--probe-every`
 steps prints the held-out accuracy of whole names and, per answer position, the teacher-forced accuracy of the query's
 answer tokens: the first position shows whether the model picks the right example (binding), the later ones whether
-it copies the letters.
+it copies the letters; `copying` is the language model's accuracy on repeated random text (otter.data.copying).
 
-    python scripts/experiment_icl.py --steps 2000                         # the shipped task's letters and query
+    python scripts/experiment_icl.py --colour-word --induction-steps 300 --steps 1500  # the shipped task's recipe
+    python scripts/experiment_icl.py --induction-steps 300 --steps 2000   # names alone: the pictures must be matched
     python scripts/experiment_icl.py --letters distinct --query identical --vqa-share 0.5
     python scripts/experiment_icl.py --colour-word --supervise queries --lr 3e-3 --queries 4
 
@@ -44,6 +45,8 @@ def parse_args() -> argparse.Namespace:
         "again; identical: the example's own picture")
     add("--question", default="What is it called?")
     add("--colour-word", action="store_true", help="answers are 'red bakol' instead of 'bakol'")
+    add("--colour-word-share", type=float, default=None,
+        help="train this share of episodes with the colour word, the rest without; held-out episodes without")
     add("--examples", type=int, default=2)
     add("--queries", type=int, default=2, help="per training episode (held-out episodes ask once)")
     add("--supervise", choices=("all", "queries"), default="all",
@@ -51,6 +54,10 @@ def parse_args() -> argparse.Namespace:
     add("--vocabulary", type=int, default=0, help="draw every name, held-out too, from this many names")
     add("--vqa-share", type=float, default=0.0, help="share of each batch drawn from the bundled toy VQA")
     add("--lr", type=float, default=1e-3)
+    add("--gates", type=float, default=0.5, help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
+    add("--copy-share", type=int, default=0, help="copying sequences trained beside each batch (0: none)")
+    add("--induction-steps", type=int, default=0,
+        help="first train the language model alone this many steps to copy random text (otter-train's --copying-steps)")
     add("--steps", type=int, default=2000)
     add("--batch-size", type=int, default=16)
     add("--probe-every", type=int, default=250)
@@ -92,13 +99,14 @@ class Episodes:
                 names.append(name)
         return names
 
-    def __call__(self, pool: list[str], queries: int):
+    def __call__(self, pool: list[str], queries: int, colour_word: bool | None = None):
         from otter.data.samples import InstructionSample
         from otter.data.shapes import COLOURS, SHAPES
 
         args, rng = self.args, self.rng
         colours, shapes = rng.sample(tuple(COLOURS), args.examples), rng.sample(SHAPES, args.examples)
-        answers = [f"{c} {n}" if args.colour_word else n for c, n in zip(colours, self.names(pool), strict=True)]
+        colour_word = args.colour_word if colour_word is None else colour_word
+        answers = [f"{c} {n}" if colour_word else n for c, n in zip(colours, self.names(pool), strict=True)]
         images = [self.picture(s, c) for s, c in zip(shapes, colours, strict=True)]
         chunks = [(args.question, answer) for answer in answers]
         for _ in range(queries):
@@ -137,31 +145,35 @@ def main() -> None:
     from flamingo import recipes
     from flamingo.loading import load_model, load_processor
     from otter.data.collate import IGNORE_INDEX, OtterCollator, PreparedSample
+    from otter.data.copying import copying_accuracy, copying_batch
     from otter.data.main_job import bundled_data
     from otter.evaluate import answer_accuracy, task_scores
-    from otter.training import open_gates
+    from otter.training import open_gates, pretrain_copying
 
     torch.set_num_threads(args.threads)
     processor = load_processor("tiny-otter")
+    vocab_size = processor.tokenizer.vocab_size  # below Otter's added tokens
     train_names, heldout_names = name_pools(LETTERS[args.letters], processor.tokenizer, args.vocabulary)
     print(f"{len(train_names)} training names, {len(heldout_names)} held-out names", flush=True)
     draw = Episodes(args, random.Random(args.seed))
     draw_heldout = Episodes(args, random.Random(12345))
-    heldout = [draw_heldout(heldout_names, 1) for _ in range(100)]
+    heldout = [draw_heldout(heldout_names, 1, False if args.colour_word_share is not None else None) for _ in range(100)]
     vqa_train, vqa_heldout = bundled_data("toy", args.seed) if args.vqa_share else (None, None)
 
     model = load_model("tiny-otter", seed=args.seed).train()
-    open_gates(model)
+    open_gates(model, args.gates)
     recipes.apply(model, "all")
     optimizer = torch.optim.AdamW(recipes.parameter_groups(model, 0.0), lr=args.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(0.03 * args.steps), args.steps)
     collate, answer_id = OtterCollator(processor), processor.tokenizer.convert_tokens_to_ids("<answer>")
-    answer_length = 5 + 1 + args.colour_word  # the letters, <|endofchunk|>, and the colour word if any
+    answer_length = 5 + 1 + (args.colour_word and args.colour_word_share is None)  # the letters, <|endofchunk|>, and the colour word if any
 
     def batch() -> dict:
         vqa = round(args.batch_size * args.vqa_share)
         samples = [vqa_train[draw.rng.randrange(len(vqa_train))] for _ in range(vqa)]
-        samples += [draw(train_names, args.queries) for _ in range(args.batch_size - vqa)]
+        share = args.colour_word_share
+        samples += [draw(train_names, args.queries, None if share is None else draw.rng.random() < share)
+                    for _ in range(args.batch_size - vqa)]
         inputs = collate([PreparedSample("x", s.training_text(), s.load_images()) for s in samples])
         if args.supervise == "queries":
             for row in range(vqa, args.batch_size):
@@ -170,8 +182,13 @@ def main() -> None:
         return inputs
 
     started = time.perf_counter()
+    if args.induction_steps:
+        print("copying pretraining:", pretrain_copying(model, processor, args.induction_steps, args), flush=True)
+    copy_generator = torch.Generator().manual_seed(args.seed + 1)
     for step in range(1, args.steps + 1):
         model(**batch()).loss.backward()
+        if args.copy_share:
+            model.lang_encoder(**copying_batch(vocab_size, args.copy_share, copy_generator)).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -180,7 +197,8 @@ def main() -> None:
             model.eval()
             names = answer_accuracy(model, processor, heldout[:64])
             positions = position_accuracy(model, collate, heldout[:64], answer_id, answer_length)
-            vqa = f" vqa {answer_accuracy(model, processor, [vqa_heldout['vqa'][i] for i in range(64)]):.3f}" if vqa_train else ""
+            copying = copying_accuracy(model.lang_encoder, vocab_size, torch.Generator().manual_seed(7))
+            vqa = f" copying {copying:.2f}" + (f" vqa {answer_accuracy(model, processor, [vqa_heldout['vqa'][i] for i in range(64)]):.3f}" if vqa_train else "")
             model.train()
             print(f"step {step}: held-out names {names:.3f}, per position "
                   f"{' '.join(f'{p:.2f}' for p in positions)}{vqa} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -104,7 +104,8 @@ def small_dataset(folder: Path, count: int) -> Path:
 
 
 def run_train(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "otter.train", "--output-dir", str(tmp_path / "run"), "--eval-samples", "0", *flags]
+    command = [sys.executable, "-m", "otter.train", "--output-dir", str(tmp_path / "run"), "--eval-samples", "0",
+               "--copying-steps", "0", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
@@ -134,7 +135,7 @@ def test_a_failed_push_keeps_the_results(tmp_path):
     toy = toy_dataset_paths()["heldout"]
     result = subprocess.run(
         [sys.executable, "-m", "otter.train", "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
-         "--batch-size", "4", "--eval-samples", "4", "--heldout", str(toy["instructions_path"]),
+         "--copying-steps", "0", "--batch-size", "4", "--eval-samples", "4", "--heldout", str(toy["instructions_path"]),
          "--data", str(small_dataset(tmp_path / "data", 8)), "--push-to-hub", "someone/otter-test"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})

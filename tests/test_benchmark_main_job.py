@@ -12,7 +12,7 @@ from tiny_models import ROOT
 @pytest.mark.slow
 def test_benchmark_runs_each_seed_and_summarises_every_task(tmp_path):
     command = [sys.executable, "scripts/benchmark_main_job.py", "--seeds", "2", "--threads", "1", "--output-dir",
-               str(tmp_path), "--", "--data", "toy-mixture", "--max-steps", "2", "--batch-size", "4",
+               str(tmp_path), "--", "--data", "toy-mixture", "--max-steps", "2", "--copying-steps", "0", "--batch-size", "4",
                "--eval-samples", "4", "--eval-every", "0"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -97,7 +97,8 @@ def test_wheel_installed_outside_the_repo_runs_every_default(wheel_env):
                            capture_output=True, text=True, cwd=cwd, env=env)
     assert str(ROOT) not in where.stdout and "site-packages" in where.stdout, where.stdout + where.stderr
 
-    trained = run_installed(wheel_env, "otter-train", "--max-steps", "2", "--batch-size", "4", "--eval-samples", "4")
+    trained = run_installed(wheel_env, "otter-train", "--max-steps", "2", "--batch-size", "4", "--eval-samples", "4",
+                            "--copying-steps", "2")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (cwd / "outputs/otter-tiny/summary.json").is_file()
 

@@ -58,8 +58,8 @@ def test_task_is_deterministic(tmp_path):
 
 
 def test_episodes_need_their_examples(tmp_path):
-    """Each query's colour is one example's, its shape not that example's; its answer is that example's name; the
-    two names differ in both letters; each split uses its own names; the last queries' targets are balanced."""
+    """Each query's colour is one example's, its shape not that example's; its answer is that example's colour and
+    name; the two names differ in every letter; each split uses its own names; the last queries' targets are balanced."""
     paths = small_task(tmp_path)
     for split, pool in (("train", TRAIN_NAMES), ("heldout", HELDOUT_NAMES)):
         targets = Counter()
@@ -67,14 +67,15 @@ def test_episodes_need_their_examples(tmp_path):
         assert len(found) == {"train": 40, "heldout": 12}[split]
         for last, examples, earlier in found:
             assert len(examples) == 2 and len(earlier) == {"train": 1, "heldout": 0}[split]
-            names = [e["answer"] for e in examples]
+            names = [e["name"] for e in examples]
+            assert all(e["answer"] == f"{e['colour']} {e['name']}" for e in examples)
             assert set(names) <= set(pool) and all(a != b for a, b in zip(*names))
             for query in [*earlier, last]:
                 assert query["instruction"] == QUESTION and {e["instruction"] for e in examples} == {QUESTION}
                 matching = [i for i, e in enumerate(examples) if e["colour"] == query["colour"]]
-                assert len(matching) == 1 and query["answer"] == names[matching[0]]
+                assert len(matching) == 1 and query["answer"] == examples[matching[0]]["answer"]
                 assert query["shape"] != examples[matching[0]]["shape"]
-            targets[names.index(last["answer"])] += 1
+            targets[names.index(last["name"])] += 1
         assert abs(targets[0] - targets[1]) <= 1
 
 
@@ -133,9 +134,10 @@ def test_experiment_script_probes_names_and_answer_positions():
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    probe = re.search(r"step 2: held-out names ([\d.]+), per position ((?:[\d.]+ ?)+) vqa ([\d.]+)", result.stdout)
+    probe = re.search(r"step 2: held-out names ([\d.]+), per position ((?:[\d.]+ ?)+) copying ([\d.]+) vqa ([\d.]+)",
+                      result.stdout)
     assert probe is not None, result.stdout
-    assert 0 <= float(probe[1]) <= 1 and len(probe[2].split()) == 7 and 0 <= float(probe[3]) <= 1
+    assert 0 <= float(probe[1]) <= 1 and len(probe[2].split()) == 7 and all(0 <= float(p) <= 1 for p in probe.groups()[2:])
     assert "final, 100 held-out episodes: {'with_examples':" in result.stdout
 
 

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from otter import OtterModel
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT_RUN = ["--batch-size", "4", "--max-length", "128", "--eval-samples", "8", "--lr", "3e-3", "--seed", "0"]
+SHORT_RUN = ["--batch-size", "4", "--max-length", "128", "--eval-samples", "8", "--lr", "3e-3", "--seed", "0",
+             "--copying-steps", "0"]
 TWO_PROCESS_RUN = ["--max-steps", "4", "--save-every", "2"]  # DDP, FSDP, ZeRO-2/3: compared step by step
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -108,10 +109,11 @@ def test_trainable_sets(trainable):
 @pytest.mark.slow
 def test_short_run_writes_everything(tmp_path):
     result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "3",
-                       "--data", "toy-mixture")
+                       "--data", "toy-mixture", "--copying-steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and set(summary["tasks"]) == {"vqa", "icl"}
+    assert summary["copying"]["steps"] == 3 and 0 <= summary["copying"]["accuracy"] <= 1
     for scores in summary["tasks"].values():
         assert set(scores) == {"with_examples", "no_examples", "blank_images"} and all(0 <= v <= 1 for v in scores.values())
     assert summary["heldout_accuracy"] == summary["tasks"]["vqa"]["with_examples"]

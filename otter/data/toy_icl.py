@@ -3,17 +3,21 @@
 Each episode shows two shapes of different colours, each with a name made up for that episode, then asks for the
 name of a third picture, which has the colour of one of them:
 
-    <image>User: What is it called? GPT:<answer> bukil<|endofchunk|>   (a blue circle)
-    <image>User: What is it called? GPT:<answer> tefab<|endofchunk|>   (a red cross)
-    <image>User: What is it called? GPT:<answer>                       (a blue square: "bukil")
+    <image>User: What is it called? GPT:<answer> blue bukil<|endofchunk|>   (a blue circle)
+    <image>User: What is it called? GPT:<answer> red tefab<|endofchunk|>    (a red cross)
+    <image>User: What is it called? GPT:<answer>                            (a blue square: "blue bukil")
 
-The query's shape is never its example's, so only the colour links the two. Training episodes ask twice, once per
-example (the first answer is then one more in-context example for the second); held-out episodes ask once, naming
-the first example in half of the episodes and the second in the other half. Names are five letters, consonant-vowel-consonant-vowel-consonant
-(five tokens of the tiny tokenizer, `▁b` `u` `k` `i` `l`); every episode draws its two names afresh, and the held-out split uses only
+An answer says the picture's colour, then its name. The colour comes from the picture (through the cross-attention);
+the name only from the example of that colour, by copying it from the context. The query's shape is never its
+example's, so only the colour links the two. (Without the colour word, the tiny Otter would have to match the query's
+picture against the examples' pictures inside the language model; it does not learn that in the main job's steps:
+README, "In-context learning".) Training episodes ask twice, once per example (the first answer is then one more
+in-context example for the second); held-out episodes ask once, naming the first example in half of the episodes and
+the second in the other half. Names are five letters, consonant-vowel-consonant-vowel-consonant (five tokens of the
+tiny tokenizer, `▁b` `u` `k` `i` `l`); every episode draws its two names afresh, and the held-out split uses only
 names that no training episode contains, so a model cannot answer from memory: with the examples it can answer (the
-ability this task measures), without them it cannot (0), and with blank images it can only guess one of the two
-names (1/2). Everything follows from the seed: the same arguments give byte-identical files.
+ability this task measures), without them it cannot (0), and with blank images it can at best guess one of the two
+(1/2). Everything follows from the seed: the same arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -100,6 +104,10 @@ def _episode(index: int, pool: tuple[str, ...], queries: int, image_size: int, r
     ]
 
 
+def answer(picture: Picture) -> str:
+    return f"{picture.colour} {picture.name}"
+
+
 def _write_split(folder: Path, split: str, episodes: list[list[Picture]], meta: dict) -> dict[str, Path]:
     """One instruction per picture (with what it shows, for checking); the train config lists each episode's last
     query with the chunks before it."""
@@ -110,8 +118,8 @@ def _write_split(folder: Path, split: str, episodes: list[list[Picture]], meta: 
         for picture, ins_id in zip(pictures, ids, strict=True):
             img_id = ins_id.replace("_EP", "_IMG_EP")
             images[img_id] = base64.b64encode(picture.png).decode("ascii")
-            rows[ins_id] = {"instruction": QUESTION, "answer": picture.name, "image_ids": [img_id], "rel_ins_ids": [],
-                            "shape": picture.shape, "colour": picture.colour}
+            rows[ins_id] = {"instruction": QUESTION, "answer": answer(picture), "image_ids": [img_id],
+                            "rel_ins_ids": [], "shape": picture.shape, "colour": picture.colour, "name": picture.name}
         rows[ids[-1]]["rel_ins_ids"] = train_config[ids[-1]] = ids[:-1]
     return write_mimicit(folder, rows, images, train_config, {**meta, "split": split})
 
@@ -127,7 +135,7 @@ def make_toy_icl_dataset(
     """
     if min(num_train, num_heldout) < NUM_IN_CONTEXT:
         raise ValueError(f"each split needs at least {NUM_IN_CONTEXT} episodes, one per query position")
-    meta = {"name": "otter-toy-icl", "version": "1", "seed": seed, "image_size": image_size, "question": QUESTION,
+    meta = {"name": "otter-toy-icl", "version": "2", "seed": seed, "image_size": image_size, "question": QUESTION,
             "train_names": list(TRAIN_NAMES), "heldout_names": list(HELDOUT_NAMES)}
     forbidden: set[bytes] = set()
     paths = {}
@@ -143,7 +151,7 @@ def make_toy_icl_dataset(
 def toy_icl_dataset_paths(root: str | os.PathLike | None = None) -> dict[str, dict[str, Path]]:
     """The binding task's files per split, as `MimicItDataset` keyword arguments (built on first use when absent,
     like `toy_dataset_paths`)."""
-    root = Path(root) if root is not None else BUNDLED if BUNDLED.is_dir() else default_cache_dir().with_name("toy-icl-v1")
+    root = Path(root) if root is not None else BUNDLED if BUNDLED.is_dir() else default_cache_dir().with_name("toy-icl-v2")
     paths = {split: mimicit_paths(root / split) for split in SPLITS}
     if not all(path.is_file() for files in paths.values() for path in files.values()):
         logger.info("Building the in-context toy task in %s", root)

@@ -1,0 +1,42 @@
+"""The copying pretraining of a language model built from scratch (otter.data.copying, `otter-train --copying-steps`)."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+from tiny_models import TINY_OTTER_DIR
+
+from otter import OtterModel, OtterProcessor
+from otter.data.collate import IGNORE_INDEX
+from otter.data.copying import copying_accuracy, copying_batch
+from otter.defaults import copying_steps_for
+from otter.training import pretrain_copying
+
+
+def test_batch_repeats_each_sequence_and_supervises_only_what_copying_predicts():
+    batch = copying_batch(50, 6, torch.Generator().manual_seed(0), length=10)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape == (6, 20) and ids.min() >= 3 and ids.max() < 50  # no BOS/EOS/UNK
+    assert torch.equal(ids[:, :10], ids[:, 10:]) and len({tuple(row) for row in ids.tolist()}) == 6
+    assert (labels[:, :11] == IGNORE_INDEX).all()  # the repeat's first token cannot be known before it is read
+    assert torch.equal(labels[:, 11:], ids[:, 11:])
+
+
+@pytest.mark.slow
+def test_pretraining_teaches_the_language_model_to_copy_and_leaves_the_rest():
+    processor = OtterProcessor.from_pretrained(TINY_OTTER_DIR)
+    torch.manual_seed(0)
+    model = OtterModel(OtterModel.config_class.from_pretrained(TINY_OTTER_DIR))
+    perceiver = {k: v.clone() for k, v in model.perceiver.state_dict().items()}
+    vocab = processor.tokenizer.vocab_size
+    before = copying_accuracy(model.lang_encoder, vocab, torch.Generator().manual_seed(1))
+    report = pretrain_copying(model, processor, 250, Namespace(lr=1e-3, batch_size=32, seed=0), show_progress=False)
+    assert before < 0.05 and report["steps"] == 250 and report["accuracy"] > 0.9, (before, report)
+    assert all(torch.equal(v, model.perceiver.state_dict()[k]) for k, v in perceiver.items())
+    assert pretrain_copying(model, processor, 0, Namespace(lr=1e-3, batch_size=32, seed=0)) is None
+
+
+def test_only_a_model_built_from_scratch_for_the_in_context_task_pretrains_by_default():
+    assert copying_steps_for("toy-mixture", from_scratch=True) == copying_steps_for("toy-icl", True) == 300
+    assert copying_steps_for("toy", True) == copying_steps_for("mixture.yaml", True) == 0  # the VQA main job: as measured
+    assert copying_steps_for("toy-icl", from_scratch=False) == 0  # a pretrained LM can copy already
