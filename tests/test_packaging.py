@@ -73,13 +73,16 @@ def wheel_env(tmp_path_factory):
     env_python = work / "env" / "bin" / "python"
     site = subprocess.run([env_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
+    # pip skips a wheel "already installed with the same version": it must see no other install of this package, so
+    # it runs before the .pth line (the test environment's editable install) and outside the checkout, with no
+    # PYTHONPATH (the checkout's .egg-info, written by the wheel build).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(env_python), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=600, cwd=work, env=env)
     ours = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
     (Path(site) / "test-deps.pth").write_text(ours + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(env_python), "install", "-q", "--no-deps", str(wheel)],
-                   check=True, capture_output=True, timeout=600)
     elsewhere = work / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(XDG_CACHE_HOME=str(work / "cache"), OMP_NUM_THREADS="1", PATH=f"{work / 'env' / 'bin'}:{env['PATH']}")
     return work / "env" / "bin", elsewhere, env
 

@@ -135,19 +135,20 @@ def test_short_run_writes_everything(tmp_path):
 @pytest.mark.slow
 def test_resume_after_sigterm_continues_the_same_loss_curve(tmp_path):
     steps = ["--max-steps", "60", "--save-every", "1000"]  # long enough that SIGTERM lands mid-run
-    reference = run_train(tmp_path / "uninterrupted", *steps)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the uninterrupted run on the other core meanwhile
+        uninterrupted = pool.submit(run_train, tmp_path / "uninterrupted", *steps)
+        interrupted = tmp_path / "interrupted"
+        command = [sys.executable, "-m", "otter.train", "--output-dir", str(interrupted), *SHORT_RUN, *steps]
+        stderr = (tmp_path / "interrupted.stderr").open("w")  # a file, not a pipe nobody drains while it runs
+        process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        log = interrupted / "log.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, (tmp_path / "interrupted.stderr").read_text()[-3000:]
+        reference = uninterrupted.result()
     assert reference.returncode == 0, reference.stderr[-3000:]
-
-    interrupted = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "otter.train", "--output-dir", str(interrupted), *SHORT_RUN, *steps]
-    stderr = (tmp_path / "interrupted.stderr").open("w")  # a file, not a pipe nobody drains while it runs
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-    log = interrupted / "log.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0, (tmp_path / "interrupted.stderr").read_text()[-3000:]
     saved = [p.name for p in (interrupted / "checkpoints").iterdir()]
     assert len(saved) == 1 and not saved[0].endswith(".tmp")
     stopped_at = int(saved[0].removeprefix("step-"))
@@ -262,10 +263,11 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     steps = ["--max-steps", "3", "--save-every", "0", "--eval-samples", "0"]
     runs = {}
     variants = {"fp32": [], "checkpointed": ["--gradient-checkpointing"], "bf16": ["--mixed-precision", "bf16"]}
-    for name, extra in variants.items():
-        result = run_train(tmp_path / name, *steps, *extra)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = (logged_losses(tmp_path / name), result.stderr)
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # independent one-thread runs: they share the cores
+        results = pool.map(lambda variant: run_train(tmp_path / variant[0], *steps, *variant[1]), variants.items())
+        for name, result in zip(variants, results, strict=True):
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[name] = (logged_losses(tmp_path / name), result.stderr)
     # 4 LM layers, 2 CLIP layers, 2 perceiver blocks, 2 cross-attention blocks
     assert "gradient checkpointing: 10 layers recompute" in runs["checkpointed"][1]
     assert "mixed precision bf16" in runs["bf16"][1] and "mixed precision no" in runs["fp32"][1]
