@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     add("--supervise", choices=("all", "queries"), default="all",
         help="all answers (as otter-train), or only the queries' (the examples' names cannot be predicted)")
     add("--vocabulary", type=int, default=0, help="draw every name, held-out too, from this many names")
+    add("--episodes", type=int, default=0, help="train on this many episodes drawn once (0: a fresh one every time, "
+        "the bundled task has 3000)")
     add("--vqa-share", type=float, default=0.0, help="share of each batch drawn from the bundled toy VQA")
     add("--lr", type=float, default=1e-3)
     add("--gates", type=float, default=0.5, help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
@@ -168,11 +170,14 @@ def main() -> None:
     collate, answer_id = OtterCollator(processor), processor.tokenizer.convert_tokens_to_ids("<answer>")
     answer_length = 5 + 1 + (args.colour_word and args.colour_word_share is None)  # the letters, <|endofchunk|>, and the colour word if any
 
+    fixed = [draw(train_names, args.queries) for _ in range(args.episodes)]
+
     def batch() -> dict:
         vqa = round(args.batch_size * args.vqa_share)
         samples = [vqa_train[draw.rng.randrange(len(vqa_train))] for _ in range(vqa)]
         share = args.colour_word_share
-        samples += [draw(train_names, args.queries, None if share is None else draw.rng.random() < share)
+        samples += [fixed[draw.rng.randrange(len(fixed))] if fixed else
+                    draw(train_names, args.queries, None if share is None else draw.rng.random() < share)
                     for _ in range(args.batch_size - vqa)]
         inputs = collate([PreparedSample("x", s.training_text(), s.load_images()) for s in samples])
         if args.supervise == "queries":
