@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     add("--episodes", type=int, default=0, help="train on this many episodes drawn once (0: a fresh one every time, "
         "the bundled task has 3000)")
     add("--vqa-share", type=float, default=0.0, help="share of each batch drawn from the bundled toy VQA")
+    add("--vqa-from", type=int, default=0, help="mix the VQA in only from this step on (a curriculum: the binding first)")
     add("--lr", type=float, default=1e-3)
     add("--gates", type=float, default=0.5, help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
     add("--copy-share", type=int, default=0, help="copying sequences trained beside each batch (0: none)")
@@ -172,8 +173,8 @@ def main() -> None:
 
     fixed = [draw(train_names, args.queries) for _ in range(args.episodes)]
 
-    def batch() -> dict:
-        vqa = round(args.batch_size * args.vqa_share)
+    def batch(step: int) -> dict:
+        vqa = round(args.batch_size * args.vqa_share) if step >= args.vqa_from else 0
         samples = [vqa_train[draw.rng.randrange(len(vqa_train))] for _ in range(vqa)]
         share = args.colour_word_share
         samples += [fixed[draw.rng.randrange(len(fixed))] if fixed else
@@ -191,7 +192,7 @@ def main() -> None:
         print("copying pretraining:", pretrain_copying(model, processor, args.induction_steps, args), flush=True)
     copy_generator = torch.Generator().manual_seed(args.seed + 1)
     for step in range(1, args.steps + 1):
-        model(**batch()).loss.backward()
+        model(**batch(step)).loss.backward()
         if args.copy_share:
             model.lang_encoder(**copying_batch(vocab_size, args.copy_share, copy_generator)).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
