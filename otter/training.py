@@ -30,6 +30,7 @@ from flamingo.hub import push_folder, write_model_card
 from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator, UsableSamples
+from otter.data.copying import BATCH_SIZE as COPYING_BATCH_SIZE
 from otter.data.copying import copying_accuracy, copying_batch
 from otter.data.main_job import EXTRA_CONDITIONS, bundled_data
 from otter.data.mimicit import MimicItDataset
@@ -91,7 +92,7 @@ def setup(args: argparse.Namespace) -> Run:
     with hide_zero3_from_transformers(accelerator):  # zero3_init_flag is false (configure_deepspeed)
         model, processor, from_scratch = load_model_and_processor(args)
     trainable = configure_trainable(model, args, from_scratch)
-    copying = pretrain_copying(model, processor, copying_steps(args, from_scratch), args,
+    copying = pretrain_copying(model, processor, copying_steps(args, from_scratch), lr=args.lr, seed=args.seed,
                                show_progress=accelerator.is_local_main_process)
     if args.gradient_checkpointing:
         enable_checkpointing(model)
@@ -158,21 +159,21 @@ def copying_steps(args: argparse.Namespace, from_scratch: bool) -> int:
     return copying_steps_for(args.data, from_scratch)  # (a resumed run then loads its checkpoint's weights)
 
 
-def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, args: argparse.Namespace,
-                     show_progress: bool = True) -> dict | None:
-    """Train the language model alone on copying for `steps` steps (its own AdamW, `--lr`, `--batch-size`); returns
+def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, *, lr: float, seed: int,
+                     batch_size: int = COPYING_BATCH_SIZE, show_progress: bool = True) -> dict | None:
+    """Train the language model alone on copying for `steps` steps (its own AdamW at `lr`); returns
     the steps, seconds and copying accuracy afterwards (for summary.json), None when `steps` is 0. Runs before accelerate wraps the model, the same on
     every process (same seed, same batches), so the processes stay identical without communicating."""
     if steps == 0:
         return None
     language_model, vocab_size = model.lang_encoder, processor.tokenizer.vocab_size  # below Otter's added tokens
-    generator, started = torch.Generator().manual_seed(args.seed), time.perf_counter()
-    optimizer = torch.optim.AdamW([p for p in language_model.parameters() if p.requires_grad], lr=args.lr)
+    generator, started = torch.Generator().manual_seed(seed), time.perf_counter()
+    optimizer = torch.optim.AdamW([p for p in language_model.parameters() if p.requires_grad], lr=lr)
     for _ in tqdm(range(steps), desc="copying", disable=not show_progress, mininterval=2.0):
-        language_model(**copying_batch(vocab_size, args.batch_size, generator)).loss.backward()
+        language_model(**copying_batch(vocab_size, batch_size, generator)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    accuracy = copying_accuracy(language_model, vocab_size, torch.Generator().manual_seed(args.seed + 1))
+    accuracy = copying_accuracy(language_model, vocab_size, torch.Generator().manual_seed(seed + 1))
     seconds = time.perf_counter() - started
     logger.info("copying pretraining: %d steps in %.0f s, accuracy %.3f on fresh sequences", steps, seconds, accuracy)
     return {"steps": steps, "seconds": round(seconds, 1), "accuracy": round(accuracy, 4)}

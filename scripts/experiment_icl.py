@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     add("--vqa-share", type=float, default=0.0, help="share of each batch drawn from the bundled toy VQA")
     add("--vqa-from", type=int, default=0, help="mix the VQA in only from this step on (a curriculum: the binding first)")
     add("--lr", type=float, default=1e-3)
+    add("--copying-batch", type=int, default=32, help="the copying pretraining's batch (otter-train's is 32)")
     add("--gates", type=float, default=0.5, help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
     add("--copy-share", type=int, default=0, help="copying sequences trained beside each batch (0: none)")
     add("--induction-steps", type=int, default=0,
@@ -189,7 +190,9 @@ def main() -> None:
 
     started = time.perf_counter()
     if args.induction_steps:
-        print("copying pretraining:", pretrain_copying(model, processor, args.induction_steps, args), flush=True)
+        copying = pretrain_copying(model, processor, args.induction_steps, lr=args.lr, seed=args.seed,
+                                   batch_size=args.copying_batch)
+        print("copying pretraining:", copying, flush=True)
     copy_generator = torch.Generator().manual_seed(args.seed + 1)
     for step in range(1, args.steps + 1):
         model(**batch(step)).loss.backward()

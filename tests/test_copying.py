@@ -1,7 +1,5 @@
 """The copying pretraining of a language model built from scratch (otter.data.copying, `otter-train --copying-steps`)."""
 
-from argparse import Namespace
-
 import pytest
 import torch
 from tiny_models import TINY_OTTER_DIR
@@ -30,10 +28,10 @@ def test_pretraining_teaches_the_language_model_to_copy_and_leaves_the_rest():
     perceiver = {k: v.clone() for k, v in model.perceiver.state_dict().items()}
     vocab = processor.tokenizer.vocab_size
     before = copying_accuracy(model.lang_encoder, vocab, torch.Generator().manual_seed(1))
-    report = pretrain_copying(model, processor, 250, Namespace(lr=1e-3, batch_size=32, seed=0), show_progress=False)
+    report = pretrain_copying(model, processor, 250, lr=1e-3, seed=0, show_progress=False)
     assert before < 0.05 and report["steps"] == 250 and report["accuracy"] > 0.9, (before, report)
     assert all(torch.equal(v, model.perceiver.state_dict()[k]) for k, v in perceiver.items())
-    assert pretrain_copying(model, processor, 0, Namespace(lr=1e-3, batch_size=32, seed=0)) is None
+    assert pretrain_copying(model, processor, 0, lr=1e-3, seed=0) is None
 
 
 def test_only_a_model_built_from_scratch_for_the_in_context_task_pretrains_by_default():
