@@ -92,7 +92,9 @@ def setup(args: argparse.Namespace) -> Run:
     with hide_zero3_from_transformers(accelerator):  # zero3_init_flag is false (configure_deepspeed)
         model, processor, from_scratch = load_model_and_processor(args)
     trainable = configure_trainable(model, args, from_scratch)
-    copying = pretrain_copying(model, processor, copying_steps(args, from_scratch), lr=args.lr, seed=args.seed,
+    # (A resumed run pretrains too, then loads its checkpoint's weights over the result.)
+    copying_steps = copying_steps_for(args.data, from_scratch) if args.copying_steps is None else args.copying_steps
+    copying = pretrain_copying(model, processor, copying_steps, lr=args.lr, seed=args.seed,
                                show_progress=accelerator.is_local_main_process)
     if args.gradient_checkpointing:
         enable_checkpointing(model)
@@ -153,17 +155,11 @@ def open_gates(model: OtterModel, value: float = 0.5) -> None:
                 layer.gated_cross_attn_layer.ff_gate.fill_(value)
 
 
-def copying_steps(args: argparse.Namespace, from_scratch: bool) -> int:
-    if args.copying_steps is not None:
-        return args.copying_steps
-    return copying_steps_for(args.data, from_scratch)  # (a resumed run then loads its checkpoint's weights)
-
-
 def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, *, lr: float, seed: int,
                      batch_size: int = COPYING_BATCH_SIZE, show_progress: bool = True) -> dict | None:
-    """Train the language model alone on copying for `steps` steps (its own AdamW at `lr`); returns
-    the steps, seconds and copying accuracy afterwards (for summary.json), None when `steps` is 0. Runs before accelerate wraps the model, the same on
-    every process (same seed, same batches), so the processes stay identical without communicating."""
+    """Train the language model alone on copying for `steps` steps (its own AdamW at `lr`); returns the steps, seconds
+    and copying accuracy afterwards (for summary.json), None when `steps` is 0. Runs before accelerate wraps the model,
+    the same on every process (same seed, same batches), so the processes stay identical without communicating."""
     if steps == 0:
         return None
     language_model, vocab_size = model.lang_encoder, processor.tokenizer.vocab_size  # below Otter's added tokens

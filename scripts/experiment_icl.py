@@ -55,10 +55,12 @@ def parse_args() -> argparse.Namespace:
     add("--episodes", type=int, default=0, help="train on this many episodes drawn once (0: a fresh one every time, "
         "the bundled task has 3000)")
     add("--vqa-share", type=float, default=0.0, help="share of each batch drawn from the bundled toy VQA")
-    add("--vqa-from", type=int, default=0, help="mix the VQA in only from this step on (a curriculum: the binding first)")
+    add("--vqa-from", type=int, default=0,
+        help="mix the VQA in only from this step on (a curriculum: the binding first)")
     add("--lr", type=float, default=1e-3)
     add("--copying-batch", type=int, default=32, help="the copying pretraining's batch (otter-train's is 32)")
-    add("--gates", type=float, default=0.5, help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
+    add("--gates", type=float, default=0.5,
+        help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
     add("--copy-share", type=int, default=0, help="copying sequences trained beside each batch (0: none)")
     add("--induction-steps", type=int, default=0,
         help="first train the language model alone this many steps to copy random text (otter-train's --copying-steps)")
@@ -161,7 +163,8 @@ def main() -> None:
     print(f"{len(train_names)} training names, {len(heldout_names)} held-out names", flush=True)
     draw = Episodes(args, random.Random(args.seed))
     draw_heldout = Episodes(args, random.Random(12345))
-    heldout = [draw_heldout(heldout_names, 1, False if args.colour_word_share is not None else None) for _ in range(100)]
+    heldout_colour_word = False if args.colour_word_share is not None else None  # None: as --colour-word says
+    heldout = [draw_heldout(heldout_names, 1, heldout_colour_word) for _ in range(100)]
     vqa_train, vqa_heldout = bundled_data("toy", args.seed) if args.vqa_share else (None, None)
 
     model = load_model("tiny-otter", seed=args.seed).train()
@@ -170,7 +173,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(recipes.parameter_groups(model, 0.0), lr=args.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(0.03 * args.steps), args.steps)
     collate, answer_id = OtterCollator(processor), processor.tokenizer.convert_tokens_to_ids("<answer>")
-    answer_length = 5 + 1 + (args.colour_word and args.colour_word_share is None)  # the letters, <|endofchunk|>, and the colour word if any
+    # The held-out answer's tokens: the letters, <|endofchunk|>, and the colour word if any.
+    answer_length = 5 + 1 + (args.colour_word and args.colour_word_share is None)
 
     fixed = [draw(train_names, args.queries) for _ in range(args.episodes)]
 
@@ -207,10 +211,12 @@ def main() -> None:
             names = answer_accuracy(model, processor, heldout[:64])
             positions = position_accuracy(model, collate, heldout[:64], answer_id, answer_length)
             copying = copying_accuracy(model.lang_encoder, vocab_size, torch.Generator().manual_seed(7))
-            vqa = f" copying {copying:.2f}" + (f" vqa {answer_accuracy(model, processor, [vqa_heldout['vqa'][i] for i in range(64)]):.3f}" if vqa_train else "")
+            extra = f" copying {copying:.2f}"
+            if vqa_train:
+                extra += f" vqa {answer_accuracy(model, processor, [vqa_heldout['vqa'][i] for i in range(64)]):.3f}"
             model.train()
             print(f"step {step}: held-out names {names:.3f}, per position "
-                  f"{' '.join(f'{p:.2f}' for p in positions)}{vqa} ({time.perf_counter() - started:.0f} s)", flush=True)
+                  f"{' '.join(f'{p:.2f}' for p in positions)}{extra} ({time.perf_counter() - started:.0f} s)", flush=True)
     print("final, 100 held-out episodes:", task_scores(model.eval(), processor, heldout), flush=True)
 
 

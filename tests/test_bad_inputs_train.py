@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--epochs", "0"], "argument --epochs: must be more than 0, got 0.0"),
     (["--max-length", "3"], "argument --max-length: must be at least 8, got 3"),
     (["--save-every", "-1"], "argument --save-every: must be at least 0, got -1"),
+    (["--copying-steps", "-1"], "argument --copying-steps: must be at least 0, got -1"),
 ])
 def test_train_flags_out_of_range_are_usage_errors(capsys, flags, error):
     assert error in usage_error(train_args, flags, capsys)

@@ -1,4 +1,5 @@
-"""The copying pretraining of a language model built from scratch (otter.data.copying, `otter-train --copying-steps`)."""
+"""The copying pretraining of a language model built from scratch (otter.data.copying,
+`otter-train --copying-steps`)."""
 
 import pytest
 import torch
@@ -36,5 +37,6 @@ def test_pretraining_teaches_the_language_model_to_copy_and_leaves_the_rest():
 
 def test_only_a_model_built_from_scratch_for_the_in_context_task_pretrains_by_default():
     assert copying_steps_for("toy-mixture", from_scratch=True) == copying_steps_for("toy-icl", True) == 300
-    assert copying_steps_for("toy", True) == copying_steps_for("mixture.yaml", True) == 0  # the VQA main job: as measured
+    # The VQA main job stays as measured.
+    assert copying_steps_for("toy", True) == copying_steps_for("mixture.yaml", True) == 0
     assert copying_steps_for("toy-icl", from_scratch=False) == 0  # a pretrained LM can copy already

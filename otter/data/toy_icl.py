@@ -151,7 +151,9 @@ def make_toy_icl_dataset(
 def toy_icl_dataset_paths(root: str | os.PathLike | None = None) -> dict[str, dict[str, Path]]:
     """The binding task's files per split, as `MimicItDataset` keyword arguments (built on first use when absent,
     like `toy_dataset_paths`)."""
-    root = Path(root) if root is not None else BUNDLED if BUNDLED.is_dir() else default_cache_dir().with_name("toy-icl-v2")
+    if root is None:
+        root = BUNDLED if BUNDLED.is_dir() else default_cache_dir().with_name("toy-icl-v2")
+    root = Path(root)
     paths = {split: mimicit_paths(root / split) for split in SPLITS}
     if not all(path.is_file() for files in paths.values() for path in files.values()):
         logger.info("Building the in-context toy task in %s", root)
