@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def open_gates(model: OtterModel, value: float = 0.5) -> None:
 
 
 def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, *, lr: float, seed: int,
-                     batch_size: int = COPYING_BATCH_SIZE, show_progress: bool = True) -> dict | None:
+                     batch_size: int = COPYING_BATCH_SIZE, make_batch: Callable[..., dict] = copying_batch,
+                     show_progress: bool = True) -> dict | None:
     """Train the language model alone on copying for `steps` steps (its own AdamW at `lr`); returns the steps, seconds
     and copying accuracy afterwards (for summary.json), None when `steps` is 0. Runs before accelerate wraps the model,
     the same on every process (same seed, same batches), so the processes stay identical without communicating."""
@@ -166,7 +168,7 @@ def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, *
     generator, started = torch.Generator().manual_seed(seed), time.perf_counter()
     optimizer = torch.optim.AdamW([p for p in language_model.parameters() if p.requires_grad], lr=lr)
     for _ in tqdm(range(steps), desc="copying", disable=not show_progress, mininterval=2.0):
-        language_model(**copying_batch(vocab_size, batch_size, generator)).loss.backward()
+        language_model(**make_batch(vocab_size, batch_size, generator)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     accuracy = copying_accuracy(language_model, vocab_size, torch.Generator().manual_seed(seed + 1))

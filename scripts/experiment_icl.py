@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
         help="mix the VQA in only from this step on (a curriculum: the binding first)")
     add("--lr", type=float, default=1e-3)
     add("--copying-batch", type=int, default=32, help="the copying pretraining's batch (otter-train's is 32)")
+    add("--copying-layout", choices=("fixed", "gapped"), default="fixed",
+        help="fixed: otter-train's (the repeat always 16 tokens later); gapped: after a gap of random length "
+        "(scripts/experiment_copying.py), which only matching the tokens' content can copy")
     add("--gates", type=float, default=0.5,
         help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
     add("--copy-share", type=int, default=0, help="copying sequences trained beside each batch (0: none)")
@@ -194,8 +197,11 @@ def main() -> None:
 
     started = time.perf_counter()
     if args.induction_steps:
+        from experiment_copying import gapped_batch
+
         copying = pretrain_copying(model, processor, args.induction_steps, lr=args.lr, seed=args.seed,
-                                   batch_size=args.copying_batch)
+                                   batch_size=args.copying_batch,
+                                   make_batch=gapped_batch if args.copying_layout == "gapped" else copying_batch)
         print("copying pretraining:", copying, flush=True)
     copy_generator = torch.Generator().manual_seed(args.seed + 1)
     for step in range(1, args.steps + 1):

@@ -40,3 +40,26 @@ def test_only_a_model_built_from_scratch_for_the_in_context_task_pretrains_by_de
     # The VQA main job stays as measured.
     assert copying_steps_for("toy", True) == copying_steps_for("mixture.yaml", True) == 0
     assert copying_steps_for("toy-icl", from_scratch=False) == 0  # a pretrained LM can copy already
+
+
+def test_the_experiment_repeats_each_sequence_after_a_gap_and_supervises_only_the_repeat():
+    """scripts/experiment_copying.py's layout (the README's check that the pretraining teaches a shortcut)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from experiment_copying import gapped_batch
+
+    batch = gapped_batch(40, 16, torch.Generator().manual_seed(0), lengths=(5, 5), max_gap=6, total=24)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape == (16, 24) and ids.min() >= 3 and ids.max() < 40
+    distances = set()
+    for row, row_labels in zip(ids, labels):
+        supervised = (row_labels != IGNORE_INDEX).nonzero().flatten()
+        assert len(supervised) == 4  # the repeat after its first token
+        first = int(supervised[0]) - 1  # where the repeat starts
+        copies = [s for s in range(first - 5 - 6, first - 4) if torch.equal(row[s : s + 5], row[first : first + 5])]
+        assert copies, row  # the sequence occurs before the repeat, 0 to 6 tokens before it
+        distances.add(first - copies[-1])
+        assert torch.equal(row_labels[supervised], row[supervised])
+    assert len(distances) > 2  # the repeat's distance varies from row to row
