@@ -60,7 +60,7 @@ def main() -> None:
 
     from flamingo import recipes
     from flamingo.loading import load_model, load_processor
-    from otter.data.copying import copying_accuracy, copying_batch
+    from otter.data.copying import copying_accuracy, copying_batch, greedy_accuracy
     from otter.training import open_gates
 
     torch.set_num_threads(args.threads)
@@ -74,12 +74,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
 
     def gapped_accuracy(vocab_size: int, max_gap: int, probe) -> float:
-        batch = gapped_batch(vocab_size, 64, probe, lengths=(8, 8), max_gap=max_gap)
-        with torch.no_grad():
-            predicted = language_model(input_ids=batch["input_ids"]).logits.argmax(-1)[:, :-1]
-        targets = batch["labels"][:, 1:]
-        supervised = targets != -100
-        return (predicted[supervised] == targets[supervised]).float().mean().item()
+        return greedy_accuracy(language_model, gapped_batch(vocab_size, 64, probe, lengths=(8, 8), max_gap=max_gap))
 
     started = time.perf_counter()
     for step in range(1, args.steps + 1):

@@ -35,7 +35,11 @@ def copying_batch(vocab_size: int, batch_size: int, generator: torch.Generator,
 def copying_accuracy(language_model: torch.nn.Module, vocab_size: int, generator: torch.Generator,
                      batch_size: int = 64) -> float:
     """Greedy accuracy on the supervised (copyable) tokens of fresh copying sequences."""
-    batch = copying_batch(vocab_size, batch_size, generator)
+    return greedy_accuracy(language_model, copying_batch(vocab_size, batch_size, generator))
+
+
+def greedy_accuracy(language_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """How often the greedy next token is the label, over `batch`'s supervised tokens."""
     with torch.no_grad():
         predicted = language_model(input_ids=batch["input_ids"]).logits.argmax(-1)[:, :-1]
     targets = batch["labels"][:, 1:]
@@ -43,4 +47,4 @@ def copying_accuracy(language_model: torch.nn.Module, vocab_size: int, generator
     return (predicted[supervised] == targets[supervised]).float().mean().item()
 
 
-__all__ = ["BATCH_SIZE", "SEQUENCE_LENGTH", "copying_accuracy", "copying_batch"]
+__all__ = ["BATCH_SIZE", "SEQUENCE_LENGTH", "copying_accuracy", "copying_batch", "greedy_accuracy"]
