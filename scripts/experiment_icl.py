@@ -7,8 +7,9 @@ steps prints the held-out accuracy of whole names and, per answer position, the 
 answer tokens: the first position shows whether the model picks the right example (binding), the later ones whether
 it copies the letters; `copying` is the language model's accuracy on repeated random text (otter.data.copying).
 
-    python scripts/experiment_icl.py --colour-word --induction-steps 300 --steps 1500  # the shipped task's recipe
-    python scripts/experiment_icl.py --induction-steps 300 --steps 2000   # names alone: the pictures must be matched
+    python scripts/experiment_icl.py --colour-word --induction-steps 1500 --steps 500  # the shipped task's recipe
+    python scripts/experiment_icl.py --colour-word --induction-steps 300 --copying-layout fixed --steps 1500  # the first
+    python scripts/experiment_icl.py --induction-steps 1500 --steps 1000  # names alone: the pictures must be matched
     python scripts/experiment_icl.py --letters distinct --query identical --vqa-share 0.5
     python scripts/experiment_icl.py --colour-word --supervise queries --lr 3e-3 --queries 4
 
@@ -59,9 +60,9 @@ def parse_args() -> argparse.Namespace:
         help="mix the VQA in only from this step on (a curriculum: the binding first)")
     add("--lr", type=float, default=1e-3)
     add("--copying-batch", type=int, default=32, help="the copying pretraining's batch (otter-train's is 32)")
-    add("--copying-layout", choices=("fixed", "gapped"), default="fixed",
-        help="fixed: otter-train's (the repeat always 16 tokens later); gapped: after a gap of random length "
-        "(scripts/experiment_copying.py), which only matching the tokens' content can copy")
+    add("--copying-layout", choices=("fixed", "gapped"), default="gapped",
+        help="gapped: otter-train's (otter.data.copying: the repeat after a gap of random length, which only matching "
+        "the tokens' content can copy); fixed: the repeat always 16 tokens later (scripts/experiment_copying.py)")
     add("--gates", type=float, default=0.5,
         help="the cross-attention gates' starting value (otter-train opens them to 0.5)")
     add("--copy-share", type=int, default=0, help="copying sequences trained beside each batch (0: none)")
@@ -154,7 +155,7 @@ def main() -> None:
     from flamingo import recipes
     from flamingo.loading import load_model, load_processor
     from otter.data.collate import IGNORE_INDEX, OtterCollator, PreparedSample
-    from otter.data.copying import copying_accuracy, copying_batch
+    from otter.data.copying import copying_batch, greedy_accuracy
     from otter.data.main_job import bundled_data
     from otter.evaluate import answer_accuracy, task_scores
     from otter.training import open_gates, pretrain_copying
@@ -196,18 +197,18 @@ def main() -> None:
         return inputs
 
     started = time.perf_counter()
-    if args.induction_steps:
-        from experiment_copying import gapped_batch
+    from experiment_copying import fixed_batch
 
+    copying_layout = fixed_batch if args.copying_layout == "fixed" else copying_batch
+    if args.induction_steps:
         copying = pretrain_copying(model, processor, args.induction_steps, lr=args.lr, seed=args.seed,
-                                   batch_size=args.copying_batch,
-                                   make_batch=gapped_batch if args.copying_layout == "gapped" else copying_batch)
+                                   batch_size=args.copying_batch, make_batch=copying_layout)
         print("copying pretraining:", copying, flush=True)
     copy_generator = torch.Generator().manual_seed(args.seed + 1)
     for step in range(1, args.steps + 1):
         model(**batch(step)).loss.backward()
         if args.copy_share:
-            model.lang_encoder(**copying_batch(vocab_size, args.copy_share, copy_generator)).loss.backward()
+            model.lang_encoder(**copying_layout(vocab_size, args.copy_share, copy_generator)).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -216,7 +217,7 @@ def main() -> None:
             model.eval()
             names = answer_accuracy(model, processor, heldout[:64])
             positions = position_accuracy(model, collate, heldout[:64], answer_id, answer_length)
-            copying = copying_accuracy(model.lang_encoder, vocab_size, torch.Generator().manual_seed(7))
+            copying = greedy_accuracy(model.lang_encoder, copying_layout(vocab_size, 64, torch.Generator().manual_seed(7)))
             extra = f" copying {copying:.2f}"
             if vqa_train:
                 extra += f" vqa {answer_accuracy(model, processor, [vqa_heldout['vqa'][i] for i in range(64)]):.3f}"
