@@ -108,7 +108,10 @@ def results_table(summary: dict) -> str:
     lines = [f"{'task':<8}" + "".join(f"{c.replace('_', ' '):>15}" for c in conditions)]
     lines += [f"{task:<8}" + "".join(f"{scores[c]:>15.3f}" if c in scores else f"{'':>15}" for c in conditions)
               for task, scores in summary["tasks"].items()]
-    lines.append(f"after {summary['steps']} steps, {summary['train_seconds']:.0f} s of training; model in {summary['model_dir']}")
+    copying = summary.get("copying")
+    pretraining = f"{copying['steps']} copying steps ({copying['seconds']:.0f} s) and " if copying else ""
+    lines.append(f"after {pretraining}{summary['steps']} steps, {summary['train_seconds']:.0f} s of training; "
+                 f"model in {summary['model_dir']}")
     return "\n".join(lines)
 
 

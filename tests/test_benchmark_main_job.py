@@ -20,7 +20,7 @@ def test_benchmark_runs_each_seed_and_summarises_every_task(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[-1].startswith("main_job_vqa_median=") and " main_job_icl_median=" in lines[-1]
     rows = [line.split() for line in lines if line.split()[:1] == ["1"]]
-    assert [row[1] for row in rows] == ["0", "1"] and all(len(row) == 3 + 6 for row in rows)
+    assert [row[1] for row in rows] == ["0", "1"] and all(len(row) == 4 + 6 for row in rows)
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert [(run["threads"], run["seed"]) for run in runs] == [(1, 0), (1, 1)]
     assert all(set(run["tasks"]) == {"vqa", "icl"} for run in runs)

@@ -114,6 +114,7 @@ def test_short_run_writes_everything(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and set(summary["tasks"]) == {"vqa", "icl"}
     assert summary["copying"]["steps"] == 3 and 0 <= summary["copying"]["accuracy"] <= 1
+    assert "after 3 copying steps (" in result.stdout.splitlines()[-1]  # the budget counts the pretraining too
     for scores in summary["tasks"].values():
         assert set(scores) == {"with_examples", "no_examples", "blank_images"} and all(0 <= v <= 1 for v in scores.values())
     assert summary["heldout_accuracy"] == summary["tasks"]["vqa"]["with_examples"]
