@@ -17,16 +17,16 @@ logger = logging.getLogger(__name__)
 
 TINY_OTTER = "tiny-otter"
 DEFAULT_OUTPUT_DIR = Path("outputs/otter-tiny")
-# `otter-train --data`: the bundled toy data sets (otter.data.main_job), the first the default, and the model each
-# trains when `--model` is not given (video needs frame embeddings).
+# `otter-train --data`: the bundled toy data sets (otter.data.main_job), and the model each trains when `--model` is
+# not given (video needs frame embeddings). The main job trains both abilities Otter is for: answering about the
+# picture (vqa) and learning from the in-context examples (icl).
 BUNDLED_DATA = ("toy", "toy-icl", "toy-mixture", "toy-video")
-DEFAULT_DATA = BUNDLED_DATA[0]
+DEFAULT_DATA = "toy-mixture"
 MODEL_FOR_DATA = {"toy-video": "tiny-otter-video"}
 # Before the bundled in-context task, a language model built from scratch first learns to copy text
 # (otter.data.copying), the skill a pretrained LLaMA brings to Otter: without it, the tiny Otter does not learn the
 # task in thousands of steps. Copying by content forms suddenly, between steps 750 and 1250 of that pretraining
-# (scripts/experiment_copying.py), hence 1500. The VQA main job does not need it (its README numbers are measured
-# without).
+# (scripts/experiment_copying.py), hence 1500. The VQA alone (`--data toy`) does not need it.
 COPYING_STEPS_FOR_DATA = {"toy-icl": 1500, "toy-mixture": 1500}
 
 

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(default: {TINY_OTTER}, or for --data toy-video tiny-otter-video)")
     add("--tokenizer", help="base tokenizer for checkpoints that ship none (Otter's tokens are added)")
     add("--data", default=DEFAULT_DATA, help="a mixture file (YAML/JSON), or bundled toy data: toy (questions about "
-        "shapes, the default), toy-icl (made-up names that only the in-context examples give), toy-mixture (both), "
+        "shapes), toy-icl (made-up names that only the in-context examples give), toy-mixture (both, the default), "
         "toy-video (which way a shape moves, over 5 frames)")
     add("--heldout", help="with a mixture file: the MIMIC-IT instructions JSON of a held-out split (its images.json "
         "and, if present, train_config.json beside it)")

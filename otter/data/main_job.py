@@ -4,9 +4,9 @@
     icl    shapes with made-up names (otter.data.toy_icl): the answer is in the in-context examples
     video  which way a shape moves, or whether it grows (otter.data.toy_video): the answer is in the frames
 
-    --data toy           vqa (the default: the main job)
+    --data toy           vqa
     --data toy-icl       icl
-    --data toy-mixture   vqa and icl, drawn equally often
+    --data toy-mixture   vqa and icl, drawn equally often (the default: the main job)
     --data toy-video     video (with `tiny-otter-video`, which has frame embeddings)
 
 `otter-train` scores each task's held-out split with its examples, without them and with blank images
