@@ -111,6 +111,8 @@ def test_bundled_data_mixes_its_tasks_and_holds_each_out():
     assert list(heldout) == ["vqa", "icl"] and set(TASKS) == {"vqa", "icl", "video"}
     draws = Counter(mixture.components.tolist())
     assert len(mixture) == sum(len(d) for d in mixture.datasets) and set(draws) == {0, 1}
+    vqa_share = len(mixture.datasets[0]) / len(mixture)  # each task drawn as often as its size
+    assert abs(draws[0] / len(mixture) - vqa_share) < 0.02, (draws, vqa_share)
     assert all(len(dataset) == 200 for dataset in heldout.values())
     assert tuple(TASKS_OF) == BUNDLED_DATA, "otter-train --help (otter.defaults) names the same sets"
     assert list(bundled_data("toy")[1]) == ["vqa"] and list(bundled_data("toy-icl")[1]) == ["icl"]
