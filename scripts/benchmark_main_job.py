@@ -6,7 +6,8 @@
 Each run is a separate `otter-train` process (so that OMP_NUM_THREADS takes effect) writing to
 `--output-dir/threads<T>-seed<S>/`. Prints one row per run (the seconds of the copying pretraining and of training,
 and per task the held-out accuracy with its in-context examples, without them and with blank images), then the
-median and min per task and condition over all runs, and ends with `main_job_vqa_median=… main_job_icl_median=…` (with examples, over all runs).
+median and min per task and condition over all runs, and ends with `main_job_vqa_median=… main_job_icl_median=…`
+(with examples, over all runs).
 Extra arguments after `--` go to every `otter-train` (e.g. `-- --max-steps 200` for a quick look).
 """
 
