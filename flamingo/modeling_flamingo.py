@@ -22,6 +22,7 @@ concurrent calls (several requests in threads) apart without leaving state on mo
 import contextlib
 import contextvars
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -629,6 +630,30 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.lang_encoder.get_submodule(self.decoder_layers_path)
+
+    def language_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The language model's own weights under the stock model's names (`model.layers.0.self_attn...`), without
+        the cross-attention blocks: what `AutoModelForCausalLM.from_config(config.text_config)` loads."""
+        spliced = re.compile(rf"^({re.escape(self.decoder_layers_path)}\.\d+)\.decoder_layer\.")
+        return {spliced.sub(r"\1.", name): tensor for name, tensor in self.lang_encoder.state_dict().items()
+                if ".gated_cross_attn_layer." not in name}
+
+    def load_language_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Start the language model from a pretrained stock model's weights (`language_model_state_dict`'s names),
+        as OpenFlamingo builds on a pretrained LM; the cross-attention blocks keep theirs. Every weight of the
+        language model must be given, and nothing else."""
+        stock = re.compile(rf"^({re.escape(self.decoder_layers_path)}\.\d+)\.")
+        spliced = {stock.sub(r"\1.decoder_layer.", name): tensor for name, tensor in state_dict.items()}
+        own = self.lang_encoder.state_dict()
+        for name, tensor in spliced.items():
+            if name in own and own[name].shape != tensor.shape:
+                raise ValueError(f"the language model weight {name} has shape {tuple(tensor.shape)}; this config's "
+                                 f"language model needs {tuple(own[name].shape)}")
+        missing, unexpected = self.lang_encoder.load_state_dict(spliced, strict=False)
+        missing = [name for name in missing if ".gated_cross_attn_layer." not in name]
+        if missing or unexpected:
+            raise ValueError(f"the language model weights do not fit {self.config.text_config.model_type!r} of "
+                             f"this config: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     # ---- training ----------------------------------------------------------------------------------
     def set_trainable(self, *, vision_encoder: bool = False, language_model: bool = False, new_token_rows: bool = True) -> None:

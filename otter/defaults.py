@@ -23,16 +23,20 @@ DEFAULT_OUTPUT_DIR = Path("outputs/otter-tiny")
 BUNDLED_DATA = ("toy", "toy-icl", "toy-mixture", "toy-video")
 DEFAULT_DATA = "toy-mixture"
 MODEL_FOR_DATA = {"toy-video": "tiny-otter-video"}
-# Before the bundled in-context task, a language model built from scratch first learns to copy text
+# Before the bundled in-context task, a language model built from scratch must learn to copy text
 # (otter.data.copying), the skill a pretrained LLaMA brings to Otter: without it, the tiny Otter does not learn the
 # task in thousands of steps. Copying by content forms suddenly, between steps 750 and 1250 of that pretraining
-# (scripts/experiment_copying.py), hence 1500. The VQA alone (`--data toy`) does not need it.
-COPYING_STEPS_FOR_DATA = {"toy-icl": 1500, "toy-mixture": 1500}
+# (scripts/experiment_copying.py), hence 1500 steps. They are run once and shipped (scripts/make_tiny_copier.py):
+# `otter-train --data toy-icl|toy-mixture` from scratch starts its language model from that copy, as Otter starts
+# from LLaMA, unless `--copying-steps` asks to pretrain now. The VQA alone (`--data toy`) does not need it.
+COPYING_STEPS = 1500
+SHIPPED_COPIER = Path(__file__).resolve().parent / "assets" / "tiny-otter-copier"
+DATA_NEEDING_COPYING = ("toy-icl", "toy-mixture")
 
 
-def copying_steps_for(data: str, from_scratch: bool) -> int:
-    """`otter-train --copying-steps`' default."""
-    return COPYING_STEPS_FOR_DATA.get(data, 0) if from_scratch else 0
+def starts_from_copier(data: str, from_scratch: bool, copying_steps: int | None) -> bool:
+    """Whether `otter-train` loads the shipped copier into its language model (`--copying-steps` not given)."""
+    return copying_steps is None and from_scratch and data in DATA_NEEDING_COPYING
 
 
 def model_to_train(data: str) -> str:
@@ -72,5 +76,5 @@ def describe_default() -> str:
     return "the model the last otter-train wrote, else an untrained tiny Otter"
 
 
-__all__ = ["COPYING_STEPS_FOR_DATA", "DEFAULT_OUTPUT_DIR", "TINY_OTTER", "copying_steps_for", "default_model",
-           "describe_default", "last_trained_model", "record_trained_model"]
+__all__ = ["COPYING_STEPS", "DATA_NEEDING_COPYING", "DEFAULT_OUTPUT_DIR", "SHIPPED_COPIER", "TINY_OTTER", "default_model",
+           "describe_default", "last_trained_model", "record_trained_model", "starts_from_copier"]

@@ -23,7 +23,8 @@ from flamingo.arguments import int_at_least
 from flamingo.cli import add_debug_flag, run_command
 from otter.defaults import (
     BUNDLED_DATA,
-    COPYING_STEPS_FOR_DATA,
+    COPYING_STEPS,
+    DATA_NEEDING_COPYING,
     DEFAULT_DATA,
     DEFAULT_OUTPUT_DIR,
     TINY_OTTER,
@@ -56,18 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "auto: all for a model built from scratch, otter otherwise")
     add("--train-vision-encoder", action="store_true")
     add("--copying-steps", type=int_at_least(0), help="first train the language model alone this many steps to copy "
-        "random text (otter.data.copying; default for a model built from scratch: "
-        + ", ".join(f"{steps} with --data {data}" for data, steps in COPYING_STEPS_FOR_DATA.items()) + ", else 0)")
-    add("--epochs", type=positive_float, default=3.0)
+        f"random text (otter.data.copying); default: a model built from scratch with --data "
+        f"{'/'.join(DATA_NEEDING_COPYING)} starts from the shipped result of {COPYING_STEPS} such steps "
+        "(scripts/make_tiny_copier.py), any other starts as it is")
+    add("--epochs", type=positive_float, default=2.0)
     add("--max-steps", type=int_at_least(1), help="optimizer steps; overrides --epochs")
     add("--batch-size", type=int_at_least(1), default=16, help="per process")
     add("--grad-accum", type=int_at_least(1), default=1)
-    add("--lr", type=positive_float, default=1e-3)
+    add("--lr", type=positive_float, default=6e-4)
     add("--weight-decay", type=float, default=0.0)
     add("--warmup-ratio", type=float, default=0.03)
     add("--max-grad-norm", type=positive_float, default=1.0)
     add("--max-length", type=int_at_least(8), default=256)
     add("--gradient-checkpointing", action="store_true")
+    add("--attn-implementation", choices=["sdpa", "eager"],
+        help="attention kernels (default: sdpa on GPUs, eager on CPUs, faster there at the tiny sizes)")
     add("--mixed-precision", choices=["no", "bf16", "fp16"],
         help="autocast (DeepSpeed: its bf16/fp16 engine); default: what `accelerate launch`/its config says, else no")
     add("--save-every", type=int_at_least(0), default=200, help="checkpoint every N optimizer steps (0: only at the end)")
@@ -109,7 +113,12 @@ def results_table(summary: dict) -> str:
     lines += [f"{task:<8}" + "".join(f"{scores[c]:>15.3f}" if c in scores else f"{'':>15}" for c in conditions)
               for task, scores in summary["tasks"].items()]
     copying = summary.get("copying")
-    pretraining = f"{copying['steps']} copying steps ({copying['seconds']:.0f} s) and " if copying else ""
+    if not copying:
+        pretraining = ""
+    elif "from" in copying:  # the shipped copier: pretrained once, not in this run
+        pretraining = f"{copying['steps']} copying steps (shipped, {Path(copying['from']).name}) and "
+    else:
+        pretraining = f"{copying['steps']} copying steps ({copying['seconds']:.0f} s) and "
     lines.append(f"after {pretraining}{summary['steps']} steps, {summary['train_seconds']:.0f} s of training; "
                  f"model in {summary['model_dir']}")
     return "\n".join(lines)

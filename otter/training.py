@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import is_tensorboard_available, set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -32,11 +33,12 @@ from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import OtterCollator, UsableSamples
 from otter.data.copying import BATCH_SIZE as COPYING_BATCH_SIZE
+from otter.data.copying import LEARNING_RATE as COPYING_LR
 from otter.data.copying import copying_accuracy, copying_batch
 from otter.data.main_job import EXTRA_CONDITIONS, bundled_data
 from otter.data.mimicit import MimicItDataset
-from otter.data.mixture import load_mixture
-from otter.defaults import BUNDLED_DATA, copying_steps_for, record_trained_model
+from otter.data.mixture import TaskBatches, WeightedMixture, load_mixture
+from otter.defaults import BUNDLED_DATA, SHIPPED_COPIER, TINY_OTTER, record_trained_model, starts_from_copier
 from otter.distributed import configure_deepspeed, hide_zero3_from_transformers, make_accelerator
 from otter.evaluate import answer_accuracy, task_scores
 
@@ -92,16 +94,21 @@ def setup(args: argparse.Namespace) -> Run:
     set_seed(args.seed)
     with hide_zero3_from_transformers(accelerator):  # zero3_init_flag is false (configure_deepspeed)
         model, processor, from_scratch = load_model_and_processor(args)
+    model.set_attn_implementation(args.attn_implementation or default_attention(accelerator))
     trainable = configure_trainable(model, args, from_scratch)
-    # (A resumed run pretrains too, then loads its checkpoint's weights over the result.)
-    copying_steps = copying_steps_for(args.data, from_scratch) if args.copying_steps is None else args.copying_steps
-    copying = pretrain_copying(model, processor, copying_steps, lr=args.lr, seed=args.seed,
-                               show_progress=accelerator.is_local_main_process)
+    # (A resumed run does this too, then loads its checkpoint's weights over the result.)
+    if starts_from_copier(args.data, from_scratch, args.copying_steps):
+        copying = load_copier(model, SHIPPED_COPIER)
+    else:
+        copying = pretrain_copying(model, processor, args.copying_steps or 0, seed=args.seed,
+                                   show_progress=accelerator.is_local_main_process)
     if args.gradient_checkpointing:
         enable_checkpointing(model)
     train_set, heldout_sets = load_datasets(args, processor)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=OtterCollator(processor),
-                        num_workers=args.num_workers, drop_last=True)
+    mixture = train_set.dataset
+    sampler = TaskBatches(mixture, args.batch_size, args.seed) if isinstance(mixture, WeightedMixture) else None
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+                        collate_fn=OtterCollator(processor), num_workers=args.num_workers, drop_last=True)
     loader = accelerator.prepare(loader)  # now per process
 
     steps_per_epoch = len(loader) // args.grad_accum
@@ -137,6 +144,12 @@ def load_model_and_processor(args: argparse.Namespace) -> tuple[OtterModel, Otte
     return load_model(source, seed=args.seed).train(), load_processor(source, tokenizer=args.tokenizer), from_scratch
 
 
+def default_attention(accelerator: Accelerator) -> str:
+    """SDPA on GPUs; on CPUs plain matmuls (eager), which at the tiny Otter's sizes (head dim 16, a few dozen
+    tokens) train the main job's step faster than SDPA's CPU kernels (scripts/benchmark_train_step.py)."""
+    return "eager" if accelerator.device.type == "cpu" else "sdpa"
+
+
 def configure_trainable(model: OtterModel, args: argparse.Namespace, from_scratch: bool) -> str:
     """Freezing a randomly initialised LM makes no sense, hence `auto`."""
     choice = args.trainable if args.trainable != "auto" else ("all" if from_scratch else "otter")
@@ -156,7 +169,7 @@ def open_gates(model: OtterModel, value: float = 0.5) -> None:
                 layer.gated_cross_attn_layer.ff_gate.fill_(value)
 
 
-def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, *, lr: float, seed: int,
+def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, *, seed: int, lr: float = COPYING_LR,
                      batch_size: int = COPYING_BATCH_SIZE, make_batch: Callable[..., dict] = copying_batch,
                      show_progress: bool = True) -> dict | None:
     """Train the language model alone on copying for `steps` steps (its own AdamW at `lr`); returns the steps, seconds
@@ -175,6 +188,19 @@ def pretrain_copying(model: OtterModel, processor: OtterProcessor, steps: int, *
     seconds = time.perf_counter() - started
     logger.info("copying pretraining: %d steps in %.0f s, accuracy %.3f on fresh sequences", steps, seconds, accuracy)
     return {"steps": steps, "seconds": round(seconds, 1), "accuracy": round(accuracy, 4)}
+
+
+def load_copier(model: OtterModel, folder: Path) -> dict:
+    """Start the language model from a copy of `pretrain_copying`'s result (scripts/make_tiny_copier.py); returns
+    its record, for summary.json."""
+    try:
+        model.load_language_model_state_dict(load_file(folder / "model.safetensors"))
+    except ValueError as error:  # another model's shapes, or names
+        raise ValueError(f"the shipped copier {folder} was made for {TINY_OTTER} and does not fit this model "
+                         f"({error}); pass --copying-steps N to pretrain this model's language model instead") from None
+    record = json.loads((folder / "record.json").read_text())
+    logger.info("language model from %s: %d copying steps, accuracy %.3f", folder, record["steps"], record["accuracy"])
+    return record | {"from": str(folder)}
 
 
 def enable_checkpointing(model: OtterModel) -> None:

@@ -53,8 +53,10 @@ def run_one(threads: int, seed: int, output_dir: Path, extra: list[str]) -> dict
 
 
 def copying_seconds(run: dict) -> float:
-    """The copying pretraining's seconds (0 when the run had none): part of the training budget."""
-    return (run.get("copying") or {}).get("seconds", 0.0)
+    """The copying pretraining's seconds in this run, part of its training budget: 0 when it had none or started
+    from the shipped copier (pretrained once, by scripts/make_tiny_copier.py)."""
+    copying = run.get("copying") or {}
+    return 0.0 if "from" in copying else copying.get("seconds", 0.0)
 
 
 SHORT = {"with_examples": "with", "no_examples": "none", "blank_images": "blank"}

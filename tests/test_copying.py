@@ -2,6 +2,7 @@
 `otter-train --copying-steps`)."""
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -11,9 +12,9 @@ from tiny_models import TINY_OTTER_DIR
 
 from otter import OtterModel, OtterProcessor
 from otter.data.collate import IGNORE_INDEX
-from otter.data.copying import copying_batch, greedy_accuracy
-from otter.defaults import copying_steps_for
-from otter.training import pretrain_copying
+from otter.data.copying import copying_accuracy, copying_batch, greedy_accuracy
+from otter.defaults import COPYING_STEPS, SHIPPED_COPIER, starts_from_copier
+from otter.training import load_copier, pretrain_copying
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -72,8 +73,33 @@ def test_pretraining_teaches_the_language_model_to_copy_by_content_and_leaves_th
     assert pretrain_copying(model, processor, 0, lr=1e-3, seed=0) is None
 
 
-def test_only_a_model_built_from_scratch_for_the_in_context_task_pretrains_by_default():
-    assert copying_steps_for("toy-mixture", from_scratch=True) == copying_steps_for("toy-icl", True) == 1500
-    # The VQA main job stays as measured.
-    assert copying_steps_for("toy", True) == copying_steps_for("mixture.yaml", True) == 0
-    assert copying_steps_for("toy-icl", from_scratch=False) == 0  # a pretrained LM can copy already
+def test_only_a_model_built_from_scratch_for_the_in_context_task_starts_from_the_copier():
+    assert starts_from_copier("toy-mixture", from_scratch=True, copying_steps=None)
+    assert starts_from_copier("toy-icl", True, None)
+    # The VQA main job stays as measured; an explicit --copying-steps pretrains instead (0: not at all).
+    assert not starts_from_copier("toy", True, None) and not starts_from_copier("mixture.yaml", True, None)
+    assert not starts_from_copier("toy-mixture", True, 0) and not starts_from_copier("toy-mixture", True, 300)
+    assert not starts_from_copier("toy-icl", from_scratch=False, copying_steps=None)  # a pretrained LM copies already
+
+
+def test_the_shipped_copier_copies_and_is_what_its_record_says():
+    """otter/assets/tiny-otter-copier (scripts/make_tiny_copier.py): the main job's language model before Otter
+    trains. Its accuracy on fresh rows of the shipped layout is re-measured here, not read from the record."""
+    record = json.loads((SHIPPED_COPIER / "record.json").read_text())
+    assert record["steps"] == COPYING_STEPS and record["model"] == "tiny-otter"
+    model = OtterModel(OtterModel.config_class.from_pretrained(TINY_OTTER_DIR))
+    vocab_size = OtterProcessor.from_pretrained(TINY_OTTER_DIR).tokenizer.vocab_size
+    before = copying_accuracy(model.lang_encoder, vocab_size, torch.Generator().manual_seed(5))
+    cross_attention = {k: v.clone() for k, v in model.lang_encoder.state_dict().items() if "gated_cross_attn" in k}
+    report = load_copier(model, SHIPPED_COPIER)
+    after = copying_accuracy(model.lang_encoder, vocab_size, torch.Generator().manual_seed(5))
+    assert before < 0.05 and after > 0.8, (before, after)
+    assert abs(after - record["accuracy"]) < 0.05 and report["from"] == str(SHIPPED_COPIER)
+    assert all(torch.equal(v, model.lang_encoder.state_dict()[k]) for k, v in cross_attention.items())
+
+
+def test_a_copier_that_does_not_fit_the_model_is_refused_with_what_to_do(tmp_path):
+    config = OtterModel.config_class.from_pretrained(TINY_OTTER_DIR)
+    config.text_config.hidden_size, config.text_config.head_dim = 32, 8
+    with pytest.raises(ValueError, match=r"does not fit this model \(the language model weight \S+ has shape \(595, 64\); this config's language model needs \(595, 32\)\); pass --copying-steps N"):
+        load_copier(OtterModel(config), SHIPPED_COPIER)

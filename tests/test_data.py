@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from tiny_models import TINY_OTTER_DIR
 
-from otter.data.collate import IGNORE_INDEX, OtterCollator, UsableSamples, build_labels
+from otter.data.collate import FREE_TOKENS, IGNORE_INDEX, OtterCollator, UsableSamples, build_labels
 from otter.data.mimicit import MimicItDataset, mimicit_paths
-from otter.data.mixture import WeightedMixture, load_mixture
+from otter.data.mixture import TaskBatches, WeightedMixture, load_mixture
 from otter.data.multi_instruct import MultiInstructDataset
 from otter.data.samples import BadImageError, EncodedImage, InstructionSample
 from otter.data.shapes import BACKGROUND, COLOURS, draw_shape
@@ -327,6 +327,17 @@ def test_a_sample_that_is_too_long_is_replaced_by_the_next_usable_one(processor)
     assert "1 samples set aside" in usable.summary()
 
 
+@pytest.mark.parametrize("text", [
+    "", "1", " 12 ", "<image><image><|endofchunk|>", "<image>1<answer>2<|endofchunk|>", "é ü 漢字 🦦", "\n\t  x",
+    three_shot().training_text(), ONE_SHOT.training_text()])
+def test_the_byte_count_shortcut_never_lets_a_too_long_text_through(processor, text):
+    """UsableSamples.fits skips tokenizing texts short in bytes: it must agree with the tokenizer at every limit."""
+    tokens = len(processor.tokenizer(text)["input_ids"])
+    assert tokens <= len(text.encode()) + FREE_TOKENS
+    for max_length in range(max(1, tokens - 2), tokens + 3):
+        assert UsableSamples([ONE_SHOT], processor, max_length=max_length).fits(text) == (tokens <= max_length)
+
+
 def test_no_usable_sample_is_an_error_not_an_endless_loop(processor):
     usable = UsableSamples([three_shot(), ONE_SHOT], processor, max_length=10)
     with pytest.raises(ValueError, match=r"no sample of the 2 in the training set is usable \(too_long: 2; max_length 10\)"):
@@ -378,6 +389,32 @@ def test_mixture_default_weights_are_sizes_and_num_samples_caps():
     assert len(mixture) == 320
     assert len({index for name, index in drawn if name == "b"}) <= 20
     assert abs(sum(name == "b" for name, _ in drawn) / len(drawn) - 20 / 320) < 0.04
+
+
+def test_task_batches_take_each_batch_from_one_component_and_use_every_sample_once():
+    mixture = WeightedMixture([Numbers("a", 300), Numbers("b", 45), Numbers("c", 13)], [None] * 3, seed=0)
+    draws = torch.bincount(mixture.components).tolist()  # about the sizes: each index's component is drawn
+    sampler = TaskBatches(mixture, batch_size=8, seed=0)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(mixture)))  # nothing dropped, nothing twice
+    batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+    names = [{mixture[i][0] for i in batch} for batch in batches[:-1]]
+    # Whole batches of one component, then the remainders (each under 8) in mixed batches, the partial one last,
+    # which a drop_last loader drops.
+    assert sum(len(n) == 1 for n in names) == sum(count // 8 for count in draws)
+    assert len(names) - sum(len(n) == 1 for n in names) == sum(count % 8 for count in draws) // 8
+    assert all(len(batch) == 8 for batch in batches[:-1]) and len(batches[-1]) == (len(mixture) - 1) % 8 + 1
+    assert list(sampler) == order  # seeded
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(len(mixture)))
+
+
+def test_task_batches_feed_a_loader_one_task_per_batch():
+    mixture = WeightedMixture([Numbers("a", 48), Numbers("b", 32)], [None, None], seed=3)
+    loader = torch.utils.data.DataLoader(mixture, batch_size=8, sampler=TaskBatches(mixture, 8, seed=3),
+                                         collate_fn=lambda rows: {name for name, _ in rows}, drop_last=True)
+    single = [names for names in loader if len(names) == 1]
+    assert len(single) == sum(count // 8 for count in torch.bincount(mixture.components).tolist()) >= 8
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

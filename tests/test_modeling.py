@@ -10,10 +10,9 @@ from flamingo import FlamingoModel
 
 
 def bare_language_model(model: FlamingoModel):
-    """The stock LM with the same weights: the Flamingo LM's state dict minus the wrapper segments."""
+    """The stock LM with the same weights (every one of them: a strict load)."""
     lm = AutoModelForCausalLM.from_config(model.config.text_config).eval()
-    state = {k.replace(".decoder_layer.", "."): v for k, v in model.lang_encoder.state_dict().items() if "gated_cross_attn_layer" not in k}
-    lm.load_state_dict(state, strict=True)
+    lm.load_state_dict(model.language_model_state_dict(), strict=True)
     return lm
 
 
@@ -25,6 +24,24 @@ def test_closed_gates_give_exactly_the_bare_lm(lm):
         ours = model(input_ids=input_ids, vision_x=vision_x, attention_mask=attention_mask).logits
         bare = bare_language_model(model)(input_ids=input_ids, attention_mask=attention_mask).logits
     assert torch.equal(ours, bare)
+
+
+@pytest.mark.parametrize("lm", sorted(TINY_TEXT))
+def test_a_pretrained_language_model_loads_under_its_stock_names_and_leaves_the_cross_attention(lm):
+    torch.manual_seed(1)
+    stock = AutoModelForCausalLM.from_config(tiny_config(lm).text_config).eval()
+    model = tiny_model(lm, open_gates=False)
+    cross_attention = {k: v.clone() for k, v in model.state_dict().items() if "gated_cross_attn_layer" in k}
+    model.load_language_model_state_dict(stock.state_dict())
+    input_ids, attention_mask, vision_x = batch()
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, vision_x=vision_x, attention_mask=attention_mask).logits
+        theirs = stock(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in cross_attention.items())
+    incomplete = dict(list(stock.state_dict().items())[1:])
+    with pytest.raises(ValueError, match="missing"):
+        model.load_language_model_state_dict(incomplete)
 
 
 @pytest.mark.parametrize("lm", sorted(TINY_TEXT))

@@ -23,6 +23,7 @@ from .samples import BadImageError, InstructionSample, Media, describe_counts
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+FREE_TOKENS = 3  # tokens that cover no byte of the text: BOS, EOS, a leading space marker (UsableSamples.fits)
 
 
 def build_labels(input_ids: torch.Tensor, processor: OtterProcessor) -> torch.Tensor:
@@ -95,9 +96,17 @@ class UsableSamples(torch.utils.data.Dataset):
         query chunk alone does not fit."""
         for count in range(len(sample.chunks)):
             candidate = sample.drop_examples(count)
-            if len(self.processor.tokenizer(candidate.training_text())["input_ids"]) <= self.max_length:
+            if self.fits(candidate.training_text()):
                 return candidate
         return None
+
+    def fits(self, text: str) -> bool:
+        """Whether `text` is at most `max_length` tokens. Every token covers at least one byte of the text except the
+        few a tokenizer adds (BOS, EOS, a SentencePiece space marker), so a text this short in bytes fits without
+        being tokenized: the collator tokenizes it anyway, and most training texts are short."""
+        if len(text.encode()) + FREE_TOKENS <= self.max_length:
+            return True
+        return len(self.processor.tokenizer(text)["input_ids"]) <= self.max_length
 
     def summary(self) -> str:
         """One line on the dataset and the samples set aside and shortened so far (logged once per epoch)."""

@@ -22,7 +22,8 @@ from .collate import IGNORE_INDEX
 SEQUENCE_LENGTHS = (4, 16)  # the copied sequence's shortest and longest
 MAX_GAP = 16
 ROW_LENGTH = 48  # room for the longest sequence twice and the longest gap
-BATCH_SIZE = 32  # the pretraining's batch, whatever `--batch-size` is
+BATCH_SIZE = 32  # the pretraining's batch and learning rate, whatever `--batch-size` and `--lr` are
+LEARNING_RATE = 1e-3
 
 
 def copying_batch(vocab_size: int, batch_size: int, generator: torch.Generator, *,
@@ -65,5 +66,5 @@ def greedy_accuracy(language_model: torch.nn.Module, batch: dict[str, torch.Tens
     return (predicted[supervised] == targets[supervised]).float().mean().item()
 
 
-__all__ = ["BATCH_SIZE", "MAX_GAP", "ROW_LENGTH", "SEQUENCE_LENGTHS", "copying_accuracy", "copying_batch",
+__all__ = ["BATCH_SIZE", "LEARNING_RATE", "MAX_GAP", "ROW_LENGTH", "SEQUENCE_LENGTHS", "copying_accuracy", "copying_batch",
            "greedy_accuracy"]

@@ -107,6 +107,39 @@ class WeightedMixture(torch.utils.data.Dataset):
         return "\n".join(lines)
 
 
+class TaskBatches(torch.utils.data.Sampler[int]):
+    """The indices of a `WeightedMixture` (or of a dataset that wraps one index for index) ordered so that each run
+    of `batch_size` comes from one component, as Otter trains one dataset's batch at a time: a batch of short
+    questions is not padded to the length and image count of the longest task (in the main job, a mixed batch of
+    16 cost 1.3 times one of VQA alone). Every sample of the epoch is used: each component's remainder goes into
+    mixed batches, and the one partial batch comes last (a `drop_last` loader drops it). The order is seeded and
+    differs from epoch to epoch (`set_epoch`, which accelerate calls)."""
+
+    def __init__(self, mixture: WeightedMixture, batch_size: int, seed: int = 0):
+        self.components, self.batch_size, self.seed, self.epoch = mixture.components, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        batches, remainders = [], []
+        for component in range(int(self.components.max()) + 1):
+            indices = (self.components == component).nonzero().flatten()
+            indices = indices[torch.randperm(len(indices), generator=generator)]
+            whole = len(indices) // self.batch_size * self.batch_size
+            batches += indices[:whole].split(self.batch_size)
+            remainders.append(indices[whole:])
+        mixed = torch.cat(remainders).split(self.batch_size)
+        partial = [mixed[-1]] if mixed and len(mixed[-1]) < self.batch_size else []
+        batches += mixed[: len(mixed) - len(partial)]
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return iter(torch.cat([batches[i] for i in order] + partial).tolist())
+
+
 def _pool(size: int, num_samples: int | None, generator: torch.Generator) -> torch.Tensor:
     """The indices of a component that may be drawn: all, or a seeded random subset of `num_samples`."""
     if num_samples is None or num_samples < 0 or num_samples >= size:
