@@ -3,6 +3,8 @@
 
 import functools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,3 +105,14 @@ def test_a_copier_that_does_not_fit_the_model_is_refused_with_what_to_do(tmp_pat
     config.text_config.hidden_size, config.text_config.head_dim = 32, 8
     with pytest.raises(ValueError, match=r"does not fit this model \(the language model weight \S+ has shape \(595, 64\); this config's language model needs \(595, 32\)\); pass --copying-steps N"):
         load_copier(OtterModel(config), SHIPPED_COPIER)
+
+
+def test_the_main_job_starts_from_the_shipped_copier_without_pretraining(tmp_path):
+    command = [sys.executable, "-m", "otter.train", "--data", "toy-icl", "--max-steps", "1", "--batch-size", "2",
+               "--eval-samples", "0", "--eval-every", "0", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "copying:" not in result.stderr  # no pretraining progress bar
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["copying"] == {**json.loads((SHIPPED_COPIER / "record.json").read_text()), "from": str(SHIPPED_COPIER)}

@@ -3,7 +3,8 @@
 Otter's in-context learning rests on a skill its pretrained LLaMA brings: finding an earlier occurrence of what it is
 reading and continuing as it continued (induction heads). The tiny Otter of the main job starts from random weights,
 and on the in-context task alone it does not find that skill in the steps the main job has; pure copying gives it
-first, as pretraining gave it to LLaMA (`otter-train --copying-steps`).
+first, as pretraining gave it to LLaMA (`otter-train --copying-steps`; the main job starts from that pretraining's
+result, shipped in otter/assets/tiny-otter-copier by scripts/make_tiny_copier.py).
 
     tokens:  r r t1 t2 ... tL g g ... g t1 t2 ... tL r r     (L of 4-16 tokens, a gap of 0-16 random tokens g)
     labels:  -100 ...                  -100 t2 ... tL -100 -100   (the repeat, after its first token)
