@@ -2,6 +2,7 @@
 and the seams between flamingo and otter."""
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -100,10 +101,10 @@ def test_wheel_installed_outside_the_repo_runs_every_default(wheel_env):
                            capture_output=True, text=True, cwd=cwd, env=env)
     assert str(ROOT) not in where.stdout and "site-packages" in where.stdout, where.stdout + where.stderr
 
-    trained = run_installed(wheel_env, "otter-train", "--max-steps", "2", "--batch-size", "4", "--eval-samples", "4",
-                            "--copying-steps", "2")
+    trained = run_installed(wheel_env, "otter-train", "--max-steps", "2", "--batch-size", "4", "--eval-samples", "4")
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert (cwd / "outputs/otter-tiny/summary.json").is_file()
+    copier = json.loads((cwd / "outputs/otter-tiny/summary.json").read_text())["copying"]["from"]
+    assert "site-packages" in copier and copier.endswith("tiny-otter-copier"), "the wheel ships the copier"
 
     generated = run_installed(wheel_env, "otter-generate", "--max-new-tokens", "2")
     assert generated.returncode == 0, generated.stderr[-3000:]
