@@ -23,6 +23,7 @@ Image and video datasets mix freely: a batch with clips stretches its images to 
 `flamingo.video`). Index `i` of the mixture is fixed by the seed: which component it comes from is drawn with probability
 proportional to the weights, and each component is walked through in a seeded random order (reshuffled each time it
 is exhausted), so the same file gives the same samples in every process.
+`otter-train` batches a mixture with `TaskBatches`: each batch from one component, as Otter trains.
 """
 
 from __future__ import annotations
