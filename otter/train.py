@@ -60,11 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"random text (otter.data.copying); default: a model built from scratch with --data "
         f"{'/'.join(DATA_NEEDING_COPYING)} starts from the shipped result of {COPYING_STEPS} such steps "
         "(scripts/make_tiny_copier.py), any other starts as it is")
-    add("--epochs", type=positive_float, default=2.0)
+    add("--epochs", type=positive_float, default=2.0, help="default: %(default)s")
     add("--max-steps", type=int_at_least(1), help="optimizer steps; overrides --epochs")
     add("--batch-size", type=int_at_least(1), default=16, help="per process")
     add("--grad-accum", type=int_at_least(1), default=1)
-    add("--lr", type=positive_float, default=6e-4)
+    add("--lr", type=positive_float, default=6e-4, help="AdamW's peak learning rate (cosine schedule; default "
+        "%(default)s, the main job's)")
     add("--weight-decay", type=float, default=0.0)
     add("--warmup-ratio", type=float, default=0.03)
     add("--max-grad-norm", type=positive_float, default=1.0)
