@@ -62,7 +62,7 @@ from transformers.utils import logging
 
 from .configuration_flamingo import FlamingoConfig
 from .hub import write_model_card
-from .modeling_flamingo import FlamingoModel, find_decoder_layers
+from .modeling_flamingo import FlamingoModel, find_decoder_layers, spliced_name
 from .processing_flamingo import PAD_TOKEN, FlamingoProcessor
 from .registry import classes_of
 
@@ -276,11 +276,6 @@ def _vision_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return open_clip_vision_to_hf(vision)
 
 
-def _wrap_decoder_layers(key: str, layers_prefix: str) -> str:
-    """`lang_encoder.<layers>.<i>.<x>` of a stock LM -> `...<i>.decoder_layer.<x>` inside the FlamingoLayer."""
-    return re.sub(rf"^({re.escape(layers_prefix)}\d+)\.(?!decoder_layer\.|gated_cross_attn_layer\.)", r"\1.decoder_layer.", key)
-
-
 def _hf_key(key: str, layers_prefix: str) -> tuple[str, bool]:
     """This library's name for a non-vision checkpoint key, and whether the key was an alias (see module doc)."""
     aliases = [
@@ -299,7 +294,7 @@ def _hf_key(key: str, layers_prefix: str) -> tuple[str, bool]:
         is_alias = is_alias or bool(found)
     for pattern, replacement in renames:
         key = re.sub(pattern, replacement, key)
-    return _wrap_decoder_layers(key, layers_prefix), is_alias
+    return spliced_name(key, layers_prefix), is_alias
 
 
 def _is_language_or_perceiver_key(key: str) -> bool:
@@ -559,7 +554,7 @@ def convert_checkpoint(
     )
     _check_against_model(weights, sources, model_class, config)
 
-    base = {_wrap_decoder_layers(f"lang_encoder.{k}", layers_prefix): v for k, v in language_model.state_dict().items() if k not in replaced}
+    base = {spliced_name(f"lang_encoder.{k}", layers_prefix): v for k, v in language_model.state_dict().items() if k not in replaced}
     vision = {f"vision_encoder.{k}": v.to(dtype) for k, v in vision_tower.state_dict.items()}
     model, info = model_class.from_pretrained(None, config=config, state_dict=base | vision | weights, dtype=dtype, output_loading_info=True)
     if problems := {k: v for k, v in info.items() if v}:

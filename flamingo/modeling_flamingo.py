@@ -332,6 +332,13 @@ class FlamingoLayer(nn.Module):
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
+def spliced_name(name: str, layers_prefix: str) -> str:
+    """A stock LM's `<layers_prefix><i>.<x>` -> `<layers_prefix><i>.decoder_layer.<x>`, its place inside the
+    FlamingoLayer; other names, and names already spliced, pass through."""
+    return re.sub(rf"^({re.escape(layers_prefix)}\d+)\.(?!decoder_layer\.|gated_cross_attn_layer\.)", r"\1.decoder_layer.",
+                  name)
+
+
 def find_decoder_layers(language_model: nn.Module, path: str | None) -> tuple[str, nn.ModuleList]:
     """The `nn.ModuleList` of decoder layers: `path` if given, else the only module list with one entry
     per hidden layer, all of one class (`model.layers`, `transformer.blocks`, `gpt_neox.layers`, ...)."""
@@ -634,26 +641,25 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
     def language_model_state_dict(self) -> dict[str, torch.Tensor]:
         """The language model's own weights under the stock model's names (`model.layers.0.self_attn...`), without
         the cross-attention blocks: what `AutoModelForCausalLM.from_config(config.text_config)` loads."""
-        spliced = re.compile(rf"^({re.escape(self.decoder_layers_path)}\.\d+)\.decoder_layer\.")
-        return {spliced.sub(r"\1.", name): tensor for name, tensor in self.lang_encoder.state_dict().items()
+        return {name.replace(".decoder_layer.", ".", 1): tensor for name, tensor in self.lang_encoder.state_dict().items()
                 if ".gated_cross_attn_layer." not in name}
 
     def load_language_model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Start the language model from a pretrained stock model's weights (`language_model_state_dict`'s names),
         as OpenFlamingo builds on a pretrained LM; the cross-attention blocks keep theirs. Every weight of the
-        language model must be given, and nothing else."""
-        stock = re.compile(rf"^({re.escape(self.decoder_layers_path)}\.\d+)\.")
-        spliced = {stock.sub(r"\1.decoder_layer.", name): tensor for name, tensor in state_dict.items()}
-        own = self.lang_encoder.state_dict()
-        for name, tensor in spliced.items():
-            if name in own and own[name].shape != tensor.shape:
-                raise ValueError(f"the language model weight {name} has shape {tuple(tensor.shape)}; this config's "
-                                 f"language model needs {tuple(own[name].shape)}")
-        missing, unexpected = self.lang_encoder.load_state_dict(spliced, strict=False)
-        missing = [name for name in missing if ".gated_cross_attn_layer." not in name]
+        language model must be given, with its shape, and nothing else; otherwise nothing is loaded."""
+        given = {spliced_name(name, f"{self.decoder_layers_path}."): tensor for name, tensor in state_dict.items()}
+        own = {name: tensor for name, tensor in self.lang_encoder.state_dict().items()
+               if ".gated_cross_attn_layer." not in name}
+        missing, unexpected = sorted(own.keys() - given.keys()), sorted(given.keys() - own.keys())
         if missing or unexpected:
             raise ValueError(f"the language model weights do not fit {self.config.text_config.model_type!r} of "
                              f"this config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for name, tensor in given.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"the language model weight {name} has shape {tuple(tensor.shape)}; this config's "
+                                 f"language model needs {tuple(own[name].shape)}")
+        self.lang_encoder.load_state_dict(given, strict=False)
 
     # ---- training ----------------------------------------------------------------------------------
     def set_trainable(self, *, vision_encoder: bool = False, language_model: bool = False, new_token_rows: bool = True) -> None:

@@ -40,8 +40,10 @@ def test_a_pretrained_language_model_loads_under_its_stock_names_and_leaves_the_
     assert torch.equal(ours, theirs)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in cross_attention.items())
     incomplete = dict(list(stock.state_dict().items())[1:])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="missing"):
-        model.load_language_model_state_dict(incomplete)
+        model.load_language_model_state_dict({k: torch.zeros_like(v) for k, v in incomplete.items()})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "a refused load changes nothing"
 
 
 @pytest.mark.parametrize("lm", sorted(TINY_TEXT))
