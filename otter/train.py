@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-steps", type=int_at_least(1), help="optimizer steps; overrides --epochs")
     add("--batch-size", type=int_at_least(1), default=16, help="per process")
     add("--grad-accum", type=int_at_least(1), default=1)
-    add("--lr", type=positive_float, default=6e-4, help="AdamW's peak learning rate (cosine schedule; default "
+    add("--lr", type=positive_float, default=5e-4, help="AdamW's peak learning rate (cosine schedule; default "
         "%(default)s, the main job's)")
     add("--weight-decay", type=float, default=0.0)
     add("--warmup-ratio", type=float, default=0.03)
