@@ -28,6 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from flamingo import recipes
+from flamingo.eval.tasks import Task
 from flamingo.hub import push_folder, write_model_card
 from flamingo.loading import has_weights, load_model, load_processor, resolve
 from otter import OtterModel, OtterProcessor
@@ -40,7 +41,7 @@ from otter.data.mimicit import MimicItDataset
 from otter.data.mixture import TaskBatches, WeightedMixture, load_mixture
 from otter.defaults import BUNDLED_DATA, SHIPPED_COPIER, TINY_OTTER, record_trained_model, starts_from_copier
 from otter.distributed import configure_deepspeed, hide_zero3_from_transformers, make_accelerator
-from otter.evaluate import answer_accuracy, task_scores
+from otter.evaluate import episode_accuracy, heldout_tasks, task_scores
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Run:
     loader: DataLoader
     train_set: UsableSamples
     heldout_sets: dict[str, torch.utils.data.Dataset]  # by task name; empty: nothing to score
+    heldout: dict[str, dict[str, Task]]  # the main process's: each task's scored samples, per condition (write_heldout)
     checkpoints: Checkpoints
     steps_per_epoch: int
     total_steps: int
@@ -105,6 +107,7 @@ def setup(args: argparse.Namespace) -> Run:
     if args.gradient_checkpointing:
         enable_checkpointing(model)
     train_set, heldout_sets = load_datasets(args, processor)
+    heldout = write_heldout(heldout_sets, args) if accelerator.is_main_process else {}
     mixture = train_set.dataset
     sampler = TaskBatches(mixture, args.batch_size, args.seed) if isinstance(mixture, WeightedMixture) else None
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -133,8 +136,18 @@ def setup(args: argparse.Namespace) -> Run:
                 f"{trained:,}", f"{parameters:,}", trainable, total_steps, accelerator.num_processes,
                 accelerator.distributed_type.value, zero_stage(accelerator), accelerator.mixed_precision)
     logger.info("process %d holds %s parameter values", accelerator.process_index, f"{local_parameter_count(model):,}")
-    return Run(args, accelerator, model, processor, optimizer, scheduler, loader, train_set, heldout_sets, checkpoints,
-               steps_per_epoch, total_steps, start_step, copying)
+    return Run(args, accelerator, model, processor, optimizer, scheduler, loader, train_set, heldout_sets, heldout,
+               checkpoints, steps_per_epoch, total_steps, start_step, copying)
+
+
+def write_heldout(heldout_sets: dict[str, torch.utils.data.Dataset], args: argparse.Namespace) -> dict[str, dict[str, Task]]:
+    """Each task's first `--eval-samples` held-out samples as flamingo-eval tasks under `<output>/heldout/<task>/`
+    (otter.evaluate.heldout_tasks): what the probes and the final scores run, and what `flamingo-eval` reruns."""
+    if not args.eval_samples:
+        return {}
+    return {task: heldout_tasks(first_samples(dataset, args.eval_samples), args.output_dir / "heldout" / task, task,
+                                EXTRA_CONDITIONS.get(task))
+            for task, dataset in heldout_sets.items()}
 
 
 def load_model_and_processor(args: argparse.Namespace) -> tuple[OtterModel, OtterProcessor, bool]:
@@ -283,12 +296,12 @@ def probe(run: Run, step: int, log: StepLog, bar: tqdm) -> None:
     the step log, TensorBoard and the progress bar. Only where one process holds the whole model (one process, DDP):
     a sharded model (FSDP, DeepSpeed) would need every process to generate together."""
     accelerator = run.accelerator
-    if not run.heldout_sets or accelerator.distributed_type not in WHOLE_MODEL:
+    if not (run.heldout_sets and run.args.eval_samples) or accelerator.distributed_type not in WHOLE_MODEL:
         return
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(run.model).eval()
-        scores = {f"heldout/{task}": answer_accuracy(model, run.processor, first_samples(dataset, PROBE_SAMPLES))
-                  for task, dataset in run.heldout_sets.items()}
+        scores = {f"heldout/{task}": episode_accuracy(model, run.processor, tasks["with_examples"], limit=PROBE_SAMPLES)
+                  for task, tasks in run.heldout.items()}
         model.train()
         log.write(step=step, **scores)
         accelerator.log(scores, step=step)
@@ -314,8 +327,8 @@ def finish(run: Run, step: int, train_seconds: float) -> dict:
             accelerator.unwrap_model(run.model).save_pretrained(model_dir, state_dict=state_dict)
             run.processor.save_pretrained(model_dir)
             record_trained_model(model_dir)
-            if run.heldout_sets and args.eval_samples:
-                summary.update(score(model_dir, run.processor, run.heldout_sets, args.eval_samples))
+            if run.heldout:
+                summary.update(score(model_dir, run.processor, run.heldout))
             write_model_card(model_dir, base_models=[str(args.model)], training=card_training(args, summary))
             (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_curves(StepLog(args.output_dir / "log.jsonl", True, resume_step=step), args.output_dir / "loss.png")
@@ -336,16 +349,11 @@ def card_training(args: argparse.Namespace, summary: dict) -> dict:
             "results": {name: value for name, value in results.items() if value is not None}}
 
 
-def score(model_dir: Path, processor: OtterProcessor, heldout_sets: dict[str, torch.utils.data.Dataset], count: int) -> dict:
-    """Per task, the accuracy on its first `count` held-out samples in each of `task_scores`' conditions; the first
-    task's with examples and with blank images are also `heldout_accuracy` and `blank_image_accuracy`."""
+def score(model_dir: Path, processor: OtterProcessor, heldout: dict[str, dict[str, Task]]) -> dict:
+    """Per task, the accuracy on its held-out samples in each of `task_scores`' conditions; the first task's with
+    examples and with blank images are also `heldout_accuracy` and `blank_image_accuracy`."""
     saved = OtterModel.from_pretrained(model_dir).eval()
-    tasks = {}
-    for task, dataset in heldout_sets.items():
-        samples = first_samples(dataset, count)
-        tasks[task] = task_scores(saved, processor, samples)
-        for condition, change in EXTRA_CONDITIONS.get(task, {}).items():
-            tasks[task][condition] = answer_accuracy(saved, processor, [change(s) for s in samples])
+    tasks = {task: task_scores(saved, processor, conditions) for task, conditions in heldout.items()}
     first = next(iter(tasks.values()))
     return {"heldout_accuracy": first["with_examples"], "blank_image_accuracy": first["blank_images"], "tasks": tasks}
 

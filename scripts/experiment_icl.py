@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+import tempfile
 import time
+from pathlib import Path
 
 from otter.data.toy_icl import CONSONANTS, ENDINGS, MIDDLES, VOWELS
 
@@ -157,7 +159,7 @@ def main() -> None:
     from otter.data.collate import IGNORE_INDEX, OtterCollator, PreparedSample
     from otter.data.copying import copying_batch, greedy_accuracy
     from otter.data.main_job import bundled_data
-    from otter.evaluate import answer_accuracy, task_scores
+    from otter.evaluate import episode_accuracy, heldout_tasks, task_scores, write_episodes
     from otter.training import open_gates, pretrain_copying
 
     torch.set_num_threads(args.threads)
@@ -170,6 +172,9 @@ def main() -> None:
     heldout_colour_word = False if args.colour_word_share is not None else None  # None: as --colour-word says
     heldout = [draw_heldout(heldout_names, 1, heldout_colour_word) for _ in range(100)]
     vqa_train, vqa_heldout = bundled_data("toy", args.seed) if args.vqa_share else (None, None)
+    scratch = Path(tempfile.mkdtemp(prefix="experiment-icl-"))  # the held-out samples as flamingo-eval tasks
+    heldout_icl = heldout_tasks(heldout, scratch / "icl", "icl")
+    probe_vqa = write_episodes([vqa_heldout["vqa"][i] for i in range(64)], scratch / "vqa", "vqa") if vqa_train else None
 
     model = load_model("tiny-otter", seed=args.seed).train()
     open_gates(model, args.gates)
@@ -215,16 +220,16 @@ def main() -> None:
         optimizer.zero_grad()
         if step % args.probe_every == 0 or step == args.steps:
             model.eval()
-            names = answer_accuracy(model, processor, heldout[:64])
+            names = episode_accuracy(model, processor, heldout_icl["with_examples"], limit=64)
             positions = position_accuracy(model, collate, heldout[:64], answer_id, answer_length)
             copying = greedy_accuracy(model.lang_encoder, copying_layout(vocab_size, 64, torch.Generator().manual_seed(7)))
             extra = f" copying {copying:.2f}"
             if vqa_train:
-                extra += f" vqa {answer_accuracy(model, processor, [vqa_heldout['vqa'][i] for i in range(64)]):.3f}"
+                extra += f" vqa {episode_accuracy(model, processor, probe_vqa):.3f}"
             model.train()
             print(f"step {step}: held-out names {names:.3f}, per position "
                   f"{' '.join(f'{p:.2f}' for p in positions)}{extra} ({time.perf_counter() - started:.0f} s)", flush=True)
-    print("final, 100 held-out episodes:", task_scores(model.eval(), processor, heldout), flush=True)
+    print("final, 100 held-out episodes:", task_scores(model.eval(), processor, heldout_icl), flush=True)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,14 @@ def test_short_run_writes_everything(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0 and list((tmp_path / "runs").rglob("events.out.tfevents*"))
     model = OtterModel.from_pretrained(summary["model_dir"])
     assert model.config.model_type == "otter"
+    # the scores are flamingo-eval's: its command on the written held-out task gives the same number
+    from flamingo.eval.cli import main as eval_main
+
+    assert eval_main(["--model", summary["model_dir"], "--task", str(tmp_path / "heldout" / "icl" / "task.json"),
+                      "--demos", "episode", "--shots", "2", "--trials", "1", "--num-beams", "1", "--no-progress",
+                      "--output-dir", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["shots"]["2"]["mean"] / 100 == summary["tasks"]["icl"]["with_examples"]
     table = result.stdout.splitlines()[-4:]
     assert table[0].split() == ["task", "with", "examples", "no", "examples", "blank", "images"], result.stdout
     assert [line.split()[0] for line in table[1:3]] == ["vqa", "icl"] and "steps" in table[3]

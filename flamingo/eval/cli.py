@@ -21,6 +21,9 @@ examples:
   # a task file (format, files, prompt template): e.g. the toy data of `otter-prepare-data toy-eval data/toy-eval`
   flamingo-eval --model outputs/otter-tiny/model --task data/toy-eval/toy_vqa.json data/toy-eval/toy_captions.json \\
       --shots 0 2 4
+  # few-shot episodes, each query with its own demonstrations: e.g. the held-out split `otter-train` writes
+  flamingo-eval --model outputs/otter-tiny/model --task outputs/otter-tiny/heldout/icl/task.json --demos episode \
+      --shots 2 --trials 1 --num-beams 1
   # sharded over processes (GPUs; on a CPU: torchrun --nproc_per_node 2 -m flamingo.eval ...)
   accelerate launch -m flamingo.eval --model MODEL --task coco --data-dir data/coco
 
@@ -62,9 +65,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int_at_least(0), nargs="+", default=[0, 4, 8])
     parser.add_argument("--trials", type=int_at_least(1), default=3, help="trials per shot count; trial k seeds with --seed + k")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--demos", choices=("random", "rices"), default="random")
+    parser.add_argument(
+        "--demos",
+        choices=("random", "rices", "episode"),
+        default="random",
+        help="random from the pool; RICES (most similar images); episode: each query's own (format 'episodes')",
+    )
     parser.add_argument(
         "--rices-encoder", help="open_clip NAME[:PRETRAINED] for RICES (default: the model's vision tower)"
+    )
+    parser.add_argument(
+        "--zero-shot-text-demos",
+        type=int_at_least(0),
+        default=2,
+        help="demonstrations without their images at 0 shots, as Flamingo's protocol (0: the query alone)",
     )
     parser.add_argument("--batch-size", type=int_at_least(1), default=8)
     parser.add_argument("--num-beams", type=int_at_least(1), default=3)
@@ -118,6 +132,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_beams=args.num_beams,
             max_new_tokens=args.max_new_tokens,
+            zero_shot_text_demos=args.zero_shot_text_demos,
             rices_encoder=args.rices_encoder,
             limit=args.limit,
             state=state,

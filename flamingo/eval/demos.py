@@ -5,6 +5,8 @@
 - `RicesDemos`: Retrieval-based In-Context Example Selection (Yang et al., 2022; OpenFlamingo's `--rices`): the pool
   items whose image embeddings are most cosine-similar to the query's, the most similar last. The pool's embeddings
   are computed once, in batches, and cached on disk keyed by the encoder and the pool.
+- `EpisodeDemos`: each test item's own demonstrations, for tasks made of episodes (`Task.episode_demos`), the last
+  `count` of them (those nearest the query) at `count` shots.
 
 Encoders: `VisionTowerEncoder` (the evaluated model's own CLIP vision tower, pooled) or `OpenClipEncoder` (an
 open_clip model, e.g. `ViT-L-14:openai` as OpenFlamingo's evaluation used; weights from a local file or its cache).
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .tasks import Example
+from .tasks import IMAGE_SUFFIXES, Example
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,16 @@ def open_image(path: Path) -> Image.Image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+
+
+def open_media(path: Path) -> Image.Image | list[Image.Image]:
+    """An image file, or a folder of frame files: a clip, its frames in the order of their names."""
+    if not path.is_dir():
+        return open_image(path)
+    frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not frames:
+        raise UnreadableImageError(f"clip folder {path} has no frame images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [open_image(frame) for frame in frames]
 
 
 def _item_key(example: Example) -> tuple[str, Path]:
@@ -80,6 +92,22 @@ class RandomDemos:
         rng = random.Random(f"flamingo-eval:{seed}:{index}")
         drawn = rng.sample(range(len(self.pool)), count + len(excluded))
         return [position for position in drawn if position not in excluded][:count]
+
+
+class EpisodeDemos:
+    """Each test item's own demonstrations (an episode's), the same in every trial."""
+
+    def __init__(self, episode_demos: Sequence[Sequence[int]]):
+        self.episode_demos = episode_demos
+
+    def select(self, queries: Sequence[tuple[int, Example]], count: int, seed: int) -> list[list[int]]:
+        chosen = []
+        for index, query in queries:
+            own = list(self.episode_demos[index])
+            if count > len(own):
+                raise ValueError(f"{count} demonstrations asked for, but episode {query.id!r} has only {len(own)}")
+            chosen.append(own[len(own) - count :])
+        return chosen
 
 
 class ImageEncoder(Protocol):

@@ -172,6 +172,14 @@ def vqa_accuracy(predictions: Mapping[Any, str], answers: Mapping[Any, Sequence[
     return 100.0 * sum(vqa_item_accuracy(predictions[q], answers[q]) for q in answers) / len(answers)
 
 
+def exact_match(predictions: Mapping[Any, str], answers: Mapping[Any, str]) -> float:
+    """Percentage of items whose prediction equals their one answer, both normalised as VQA predictions are (case,
+    punctuation, articles, number words): for answers that are one right word or name, as in few-shot episodes."""
+    if not answers:
+        raise ValueError("no items to score")
+    return 100.0 * sum(normalize_vqa_answer(predictions[k]) == normalize_vqa_answer(a) for k, a in answers.items()) / len(answers)
+
+
 def postprocess_vqa_answer(generated: str) -> str:
     """OpenFlamingo's VQA post-processing: cut where the model starts another question or answer, then at ", "."""
     answer = re.split("Question|Answer|Short", generated, maxsplit=1)[0]

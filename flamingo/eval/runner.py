@@ -21,6 +21,7 @@ demonstrations depend only on the seed and the item, so any number of processes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -40,12 +41,13 @@ from flamingo.processing_flamingo import ENDOFCHUNK_TOKEN, MEDIA_TOKEN
 from . import metrics
 from .demos import (
     DemoSelector,
+    EpisodeDemos,
     OpenClipEncoder,
     RandomDemos,
     RicesDemos,
     UnreadableImageError,
     VisionTowerEncoder,
-    open_image,
+    open_media,
 )
 from .tasks import Example, Task
 
@@ -121,7 +123,9 @@ def markdown_table(results: Sequence[Results]) -> str:
 
 
 class LatentCache:
-    """Perceiver latents per image file, computed in batches on first use and kept (least recently used first out).
+    """Perceiver latents per image file (or clip folder), computed in batches on first use and kept (least recently
+    used first out). Images are encoded in batches, clips one at a time through the processor (which samples their
+    frames down to the model's frame embeddings).
 
     An image that cannot be decoded is remembered as such and raises `UnreadableImageError` every time it is asked
     for, so that its items are skipped the same way in every trial.
@@ -156,7 +160,7 @@ class LatentCache:
             images, names = [], []
             for path in todo[start : start + self.batch_size]:
                 try:
-                    images.append(open_image(path))
+                    images.append(open_media(path))
                     names.append(path)
                 except UnreadableImageError as error:
                     logger.warning("%s: skipping the items that use it", error)
@@ -167,12 +171,17 @@ class LatentCache:
             self._latents.popitem(last=False)
 
     @torch.no_grad()
-    def _encode(self, paths: list[Path], images: list) -> None:
-        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        vision_x = pixels[:, None, None].to(device=self.model.device, dtype=torch.float32)  # (N, T_img=1, F=1, C, H, W)
-        latents = self.model.encode_images(vision_x).latents[:, 0]
-        for path, latent in zip(paths, latents, strict=True):
-            self._latents[path] = latent
+    def _encode(self, paths: list[Path], media: list) -> None:
+        stills = [(path, image) for path, image in zip(paths, media, strict=True) if not isinstance(image, list)]
+        if stills:
+            pixels = self.processor.image_processor([image for _, image in stills], return_tensors="pt")["pixel_values"]
+            vision_x = pixels[:, None, None].to(device=self.model.device, dtype=torch.float32)  # (N, T_img=1, F=1, C, H, W)
+            for (path, _), latent in zip(stills, self.model.encode_images(vision_x).latents[:, 0], strict=True):
+                self._latents[path] = latent
+        for path, frames in zip(paths, media, strict=True):
+            if isinstance(frames, list):
+                vision_x = self.processor(text=MEDIA_TOKEN, videos=[frames])["vision_x"]  # (1, 1, F, C, H, W)
+                self._latents[path] = self.model.encode_images(vision_x.to(self.model.device)).latents[0, 0]
 
 
 def media_cache(rows: Sequence[Sequence[torch.Tensor]]) -> MediaCache:
@@ -251,11 +260,12 @@ def evaluate(
         model: a `FlamingoModel` (or subclass, e.g. `OtterModel`), in eval mode.
         processor: its processor; its `eval_prompt` gives the prompt format.
         task: from `flamingo.eval.tasks.load_task`.
-        demos: "random", "rices", or a `DemoSelector`.
+        demos: "random", "rices", "episode" (each item's own, for a task of episodes), or a `DemoSelector`.
         rices_encoder: for "rices": an open_clip "NAME:PRETRAINED" instead of the model's own vision tower.
         rices_cache_dir: where RICES keeps the pool's embeddings (default: `rices_cache/` in the task's data folder).
         limit: evaluate only the first `limit` test items.
-        state: an `accelerate.PartialState` to shard over (default: the current one).
+        state: an `accelerate.PartialState` to shard over (default: the current one); `OneProcess()` to evaluate on
+            this process alone while the others wait (a probe during distributed training).
     Returns:
         `Results`, the same on every process.
     """
@@ -291,8 +301,10 @@ def evaluate(
             )
             score, skipped = _score_once(task, predictions, state)
             results.append(TrialResult(count, trial, trial_seed, score, predictions, skipped))
-            logger.info(
-                "%s %d-shot trial %d (seed %d): %s %.2f", task.name, count, trial, trial_seed, task.metric, score
+            # A quiet evaluation (a probe inside training) says its scores at DEBUG: its caller reports them.
+            logger.log(
+                logging.INFO if progress else logging.DEBUG,
+                "%s %d-shot trial %d (seed %d): %s %.2f", task.name, count, trial, trial_seed, task.metric, score,
             )
     config = {
         "shots": list(shots),
@@ -318,11 +330,25 @@ def evaluate(
     return Results(task.name, name, task.metric, results, config)
 
 
+class OneProcess:
+    """The `state` of an evaluation that runs on the calling process alone, whatever process group it is in."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items
+
+
 def _selector(model, processor, task, demos, rices_encoder, cache_dir, batch_size, progress) -> DemoSelector:
     if not isinstance(demos, str):
         return demos
     if demos == "random":
         return RandomDemos(task.train)
+    if demos == "episode":
+        if task.episode_demos is None:
+            raise ValueError(f"--demos episode needs a task made of episodes (format 'episodes'); {task.name} is not")
+        return EpisodeDemos(task.episode_demos)
     if demos == "rices":
         encoder = (
             OpenClipEncoder(rices_encoder, model.device) if rices_encoder else VisionTowerEncoder(model, processor)
@@ -330,7 +356,7 @@ def _selector(model, processor, task, demos, rices_encoder, cache_dir, batch_siz
         if cache_dir is None and task.source.get("data_dir"):
             cache_dir = Path(task.source["data_dir"]) / "rices_cache"
         return RicesDemos(task.train, encoder, cache_dir, batch_size=batch_size, progress=progress)
-    raise ValueError(f"demos must be 'random' or 'rices', not {demos!r}")
+    raise ValueError(f"demos must be 'random', 'rices' or 'episode', not {demos!r}")
 
 
 class _Runner:
@@ -534,6 +560,8 @@ def score_predictions(task: Task, predictions: list[dict]) -> tuple[float, Count
         score = metrics.cider(
             {item.id: r["prediction"] for r, item in scored}, {item.id: item.references for _, item in scored}
         )
+    elif task.metric == "exact match":
+        score = metrics.exact_match({item.id: r["prediction"] for r, item in scored}, {item.id: item.answer for _, item in scored})
     elif task.kind == "vqa":
         score = metrics.vqa_accuracy(
             {item.id: r["prediction"] for r, item in scored}, {item.id: item.references for _, item in scored}

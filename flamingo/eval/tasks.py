@@ -1,7 +1,7 @@
 """Evaluation tasks: the readers of the files the datasets publish, and the built-in task definitions.
 
 A task is read into a `Task`: its kind (captioning, vqa, classification), the demonstration pool (`train`) and the
-test items (`test`) as `Example`s, and how its predictions are scored. Four file formats are read:
+test items (`test`) as `Example`s, and how its predictions are scored. Five file formats are read:
 
     karpathy       Karpathy-split captions JSON (`dataset_coco.json`, `dataset_flickr30k.json`):
                    {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}], "cocoid" | "imgid"}]}
@@ -10,6 +10,9 @@ test items (`test`) as `Example`s, and how its predictions are scored. Four file
     image_folder   ImageNet style: <split dir>/<class folder>/<image>, class names from a text file (one per line,
                    in the sorted order of the class folders) or the folder names
     hateful_memes  JSON lines {"id", "img", "label": 0|1, "text"}
+    episodes       few-shot episodes, each query with its own demonstrations (e.g. made-up names to learn in context):
+                   {"episodes": [{"id", "demos": [{"image", "question", "answer"}], "query": {...the same}}]}, an
+                   "image" a file or a folder of frames (a clip); scored by exact match (`--demos episode`)
 
 A task file (JSON) names a format and its files, and may override the prompt; see `TaskSpec` and docs/evaluation.md.
 Files that are missing or not in the expected format raise `TaskDataError` naming the file and the format. An item
@@ -77,10 +80,14 @@ class Task:
     separator: str | None = None
     skipped: Counter[str] = field(default_factory=Counter)
     source: dict[str, Any] = field(default_factory=dict)
+    episode_demos: list[list[int]] | None = None  # per test item, its own demonstrations' positions in `train`
 
     def limit(self, count: int | None) -> Task:
         """The same task with only its first `count` test items (all when `count` is None)."""
-        return self if count is None else dataclasses.replace(self, test=self.test[:count])
+        if count is None:
+            return self
+        demos = None if self.episode_demos is None else self.episode_demos[:count]
+        return dataclasses.replace(self, test=self.test[:count], episode_demos=demos)
 
 
 @dataclass
@@ -118,12 +125,14 @@ FORMAT_FILES: dict[str, dict[str, str | None]] = {
     },
     "image_folder": {"train_dir": None, "test_dir": None, "class_names": ""},
     "hateful_memes": {"train": None, "test": None, "image_dir": ""},
+    "episodes": {"episodes": None, "image_dir": ""},
 }
 _FORMAT_DEFAULTS = {
     "karpathy": dict(kind="captioning", metric="CIDEr", prompt_style="captioning", max_new_tokens=20),
     "vqa": dict(kind="vqa", metric="VQA accuracy", prompt_style="vqa", max_new_tokens=5),
     "image_folder": dict(kind="classification", metric="top-1 accuracy", prompt_style="imagenet", max_new_tokens=0),
     "hateful_memes": dict(kind="classification", metric="ROC AUC", prompt_style="hateful_memes", max_new_tokens=0),
+    "episodes": dict(kind="vqa", metric="exact match", prompt_style="vqa", max_new_tokens=8),
 }
 
 
@@ -242,6 +251,7 @@ def read_task(spec: TaskSpec, base: Path) -> Task:
     files = _resolve_files(spec, base)
     skipped: Counter[str] = Counter()
     class_names: list[str] = []
+    episode_demos = None
     if spec.format == "karpathy":
         train = read_karpathy(files["annotations"], files["image_dir"], spec.train_split, skipped)
         test = read_karpathy(files["annotations"], files["image_dir"], spec.test_split, skipped)
@@ -263,10 +273,12 @@ def read_task(spec: TaskSpec, base: Path) -> Task:
         class_names = read_class_names(files["test_dir"], class_file)
         train = read_image_folder(files["train_dir"], class_names)
         test = read_image_folder(files["test_dir"], class_names)
-    else:
+    elif spec.format == "hateful_memes":
         class_names = ["no", "yes"]
         train = read_hateful_memes(files["train"], files["image_dir"], skipped)
         test = read_hateful_memes(files["test"], files["image_dir"], skipped)
+    else:
+        train, test, episode_demos = read_episodes(files["episodes"], files["image_dir"], skipped)
     if not test:
         raise TaskDataError(f"task {spec.name!r} has no usable test items under {base} ({_describe(skipped)})")
     if skipped:
@@ -285,6 +297,7 @@ def read_task(spec: TaskSpec, base: Path) -> Task:
         separator=spec.separator,
         skipped=skipped,
         source={"format": spec.format, "data_dir": os.fspath(base), **{k: os.fspath(v) for k, v in files.items()}},
+        episode_demos=episode_demos,
     )
 
 
@@ -325,7 +338,7 @@ def _require(path: Path, expected: str, condition: bool, what: str) -> None:
 
 
 def _keep_if_present(example: Example, skipped: Counter[str]) -> bool:
-    if example.image.is_file():
+    if example.image.is_file() or example.image.is_dir():  # a folder: a clip's frames
         return True
     skipped["missing_image"] += 1
     logger.debug("No image file %s for item %s", example.image, example.id)
@@ -474,6 +487,39 @@ def read_hateful_memes(path: Path, image_dir: Path, skipped: Counter[str]) -> li
         if _keep_if_present(example, skipped):
             examples.append(example)
     return examples
+
+
+EPISODES_FORMAT = (
+    'few-shot episodes: {"episodes": [{"id", "demos": [{"image", "question", "answer"}, ...], '
+    '"query": {"image", "question", "answer"}}]}'
+)
+
+
+def read_episodes(path: Path, image_dir: Path, skipped: Counter[str]) -> tuple[list[Example], list[Example], list[list[int]]]:
+    """The demonstrations of every episode (the pool), the queries (the test items), and per query the positions of
+    its own demonstrations in the pool. An episode with a missing image is left out whole."""
+    data = _read_json(path, EPISODES_FORMAT)
+    _require(path, EPISODES_FORMAT, isinstance(data, dict) and isinstance(data.get("episodes"), list), 'no "episodes" list')
+    pool, queries, demos_of, seen = [], [], [], set()
+    for position, episode in enumerate(data["episodes"]):
+        try:
+            episode_id = episode["id"]
+            _require(path, EPISODES_FORMAT, episode_id not in seen, f"episodes[{position}] repeats the id {episode_id!r}")
+            seen.add(episode_id)
+            demos = [_episode_example(f"{episode_id}/demo{k}", demo, image_dir) for k, demo in enumerate(episode["demos"])]
+            query = _episode_example(episode_id, episode["query"], image_dir)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise TaskDataError(f"{path}: episodes[{position}] lacks {error}; expected {EPISODES_FORMAT}") from error
+        if all(_keep_if_present(example, skipped) for example in [*demos, query]):
+            demos_of.append(list(range(len(pool), len(pool) + len(demos))))
+            pool += demos
+            queries.append(query)
+    return pool, queries, demos_of
+
+
+def _episode_example(example_id: str, entry: dict, image_dir: Path) -> Example:
+    answer = str(entry["answer"])
+    return Example(example_id, image_dir / entry["image"], answer, (answer,), {"question": str(entry["question"])})
 
 
 def task_names() -> Iterable[str]:

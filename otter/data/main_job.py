@@ -9,9 +9,9 @@
     --data toy-mixture   vqa and icl, each drawn as often as its size (the default: the main job)
     --data toy-video     video (with `tiny-otter-video`, which has frame embeddings)
 
-`otter-train` scores each task's held-out split with its examples, without them and with blank images
-(`otter.evaluate.task_scores`), and under `EXTRA_CONDITIONS` (video: each clip's middle frame repeated, which takes
-the motion away).
+`otter-train` writes each task's held-out split as a flamingo-eval task of episodes (`<output>/heldout/<task>/`) and
+scores it with its examples, without them and with blank images (`otter.evaluate.task_scores`), and under
+`EXTRA_CONDITIONS` (video: each clip's middle frame repeated, which takes the motion away).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import base64
 import logging
 import os
 import random
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -162,27 +163,30 @@ def single_frame(sample: InstructionSample) -> InstructionSample:
     return InstructionSample(sample.sample_id, sample.chunks, [still(media) for media in sample.images])
 
 
-def score_toy_video(model, processor, heldout: Any, count: int | None = None, **generate_kwargs: Any) -> dict[str, float]:
+def score_toy_video(model, processor, heldout: Any, count: int | None = None) -> dict[str, float]:
     """Held-out accuracy on real clips and on single frames repeated, overall and per question type, with chance.
 
     Returns `video_motion_accuracy` (real clips: the answer needs the motion), `video_single_frame_accuracy` (each
     clip's middle frame repeated `NUM_FRAMES` times: chance by construction), `video_chance` (the expected accuracy
     of a model that cannot see the motion: 1/4 per motion question, 1/2 per size question) and
     `<type>_question_accuracy` / `<type>_question_single_frame_accuracy` per question type (motion, size).
-    `generate_kwargs` go to `otter.evaluate.generate_answers` (e.g. `batch_size`)."""
-    from otter.evaluate import generate_answers, normalize_answer
+    Answers come from flamingo-eval (`otter.evaluate.run_episodes`), each clip's own examples before it."""
+    from flamingo.eval.metrics import normalize_vqa_answer
+    from otter.evaluate import run_episodes, write_episodes
 
     samples = [heldout[i] for i in range(min(count or len(heldout), len(heldout)))]
     kinds = [QUESTION_TYPES[sample.question] for sample in samples]
     scores: dict[str, float] = {"video_chance": sum(1 / len(ANSWERS[kind]) for kind in kinds) / len(samples)}
-    for name, inputs in (("", samples), ("_single_frame", [single_frame(s) for s in samples])):
-        answers = generate_answers(model, processor, inputs, **generate_kwargs)
-        right = [normalize_answer(a) == normalize_answer(s.answer) for a, s in zip(answers, samples, strict=True)]
-        scores[f"video{name or '_motion'}_accuracy"] = sum(right) / len(right)
-        for kind in QUESTIONS:
-            mine = [r for r, k in zip(right, kinds, strict=True) if k == kind]
-            if mine:
-                scores[f"{kind}_question{name}_accuracy"] = sum(mine) / len(mine)
+    with tempfile.TemporaryDirectory(prefix="toy-video-") as folder:
+        for name, inputs in (("", samples), ("_single_frame", [single_frame(s) for s in samples])):
+            trial = run_episodes(model, processor, write_episodes(inputs, Path(folder) / (name or "clips"), "toy-video"))
+            right = [normalize_vqa_answer(record["prediction"]) == normalize_vqa_answer(sample.answer)
+                     for record, sample in zip(trial.predictions, samples, strict=True)]
+            scores[f"video{name or '_motion'}_accuracy"] = sum(right) / len(right)
+            for kind in QUESTIONS:
+                mine = [r for r, k in zip(right, kinds, strict=True) if k == kind]
+                if mine:
+                    scores[f"{kind}_question{name}_accuracy"] = sum(mine) / len(mine)
     return scores
 
 
