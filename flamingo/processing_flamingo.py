@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from transformers import AutoTokenizer, BatchFeature, CLIPImageProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BatchFeature,
+    CLIPImageProcessor,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
 from transformers.image_utils import is_valid_image
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import logging
@@ -103,6 +110,9 @@ class FlamingoProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlamingoProcessor:
         check_local_model(pretrained_model_name_or_path, weights=False)  # a missing folder, not "Repo id must be ..."
+        # The tokenizer's loader reads config.json through AutoConfig: unless this model type is registered, the
+        # folder's auto_map makes it ask whether to run the folder's code (an error without a terminal).
+        AutoConfig.register(cls.config_class.model_type, cls.config_class, exist_ok=True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:

@@ -207,3 +207,31 @@ def test_a_model_whose_class_a_wrapper_replaced_exports_its_own_class(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_otter.OtterModel"
     assert (tmp_path / "modeling_otter.py").exists()
 
+
+
+# The child's side: the classes imported from their modules, as research code does, so that nothing has registered
+# the model type with the Auto classes; stdin is closed, as in a batch job, where transformers' prompt is an error.
+LOAD_FROM_MODULES = """
+import builtins
+import importlib
+
+prompts = []
+builtins.input = lambda text="": prompts.append(text) or ""
+folder, model_type = {folder!r}, {model_type!r}
+processor_class = getattr(importlib.import_module(f"{{model_type}}.processing_{{model_type}}"), {processor!r})
+model_class = getattr(importlib.import_module(f"{{model_type}}.modeling_{{model_type}}"), {model!r})
+processor, model = processor_class.from_pretrained(folder), model_class.from_pretrained(folder)
+report(prompts=prompts, processor=type(processor).__module__, model=type(model).__module__)
+"""
+
+
+@pytest.mark.slow  # a fresh Python process per folder
+def test_classes_imported_from_their_modules_load_a_folder_without_asking_to_trust_its_code(saved):
+    model_type, folder, _ = saved
+    processor = f"{FAMILIES[model_type].__name__.removesuffix('Model')}Processor"
+    code = LOAD_FROM_MODULES.format(folder=str(folder), model_type=model_type, processor=processor,
+                                    model=FAMILIES[model_type].__name__)
+    child = run_isolated(code, folder.parent, package=True)
+    assert child["prompts"] == []
+    assert child["processor"] == f"{model_type}.processing_{model_type}"
+    assert child["model"] == f"{model_type}.modeling_{model_type}"

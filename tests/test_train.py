@@ -106,6 +106,35 @@ def test_trainable_sets(trainable):
     assert any(n.endswith("self_attn.q_proj.weight") for n in trained) == (trainable == "all")
 
 
+def test_a_model_from_scratch_starts_with_open_gates_and_sin_cos_positions():
+    from argparse import Namespace
+
+    from tiny_models import tiny_model
+
+    from otter.training import configure_trainable
+
+    model = tiny_model(open_gates=False)
+    configure_trainable(model, Namespace(trainable="auto", train_vision_encoder=False), from_scratch=True)
+    gates = [p for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
+    assert gates and all(torch.all(g == 0.5) for g in gates)
+    positions = model.vision_encoder.embeddings.position_embedding.weight.detach()  # (1 + side * side, dim)
+    side, quarter = math.isqrt(positions.shape[0] - 1), positions.shape[1] // 4
+    grid = positions[1:].reshape(side, side, 4, quarter)  # (row, column, [sin x, cos x, sin y, cos y], frequency)
+    assert torch.all(positions[0] == 0)  # the class token
+    assert not torch.allclose(grid[:, :1, :2].expand(-1, side, -1, -1), grid[:, :, :2])  # x varies along a row
+    assert torch.allclose(grid[:1, :, :2].expand(side, -1, -1, -1), grid[:, :, :2])  # ... and not down a column
+    assert torch.allclose(grid[:, :1, 2:].expand(-1, side, -1, -1), grid[:, :, 2:])  # y: the other way round
+    assert torch.allclose(grid[0, 1, 0], torch.sin(10000.0 ** -(torch.arange(quarter) / quarter)))
+    assert torch.cdist(positions[1:], positions[1:]).fill_diagonal_(1).min() > 0.1  # every patch told apart
+
+
+def test_sin_cos_positions_refuse_a_grid_that_is_not_square():
+    from otter.training import sincos_position_embeddings
+
+    with pytest.raises(ValueError, match="square grid.*got 12 patches of width 64"):
+        sincos_position_embeddings(torch.nn.Embedding(13, 64))
+
+
 @pytest.mark.slow
 def test_short_run_writes_everything(tmp_path):
     result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "3",
@@ -252,7 +281,7 @@ def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
     from tiny_models import TINY_OTTER_DIR as TINY_OTTER
 
     from otter import OtterConfig
-    from otter.training import open_gates
+    from otter.training import start_from_scratch
 
     ddp_output, _ = ddp_run
     output = tmp_path / "accumulated"
@@ -261,7 +290,7 @@ def test_grad_accum_on_one_process_matches_ddp_on_two(tmp_path, ddp_run):
     assert sorted(logged_losses(output)) == [1, 2, 3, 4]  # optimizer steps, not batches
     set_seed(0)  # otter-train's initial weights (--seed 0, built from the config)
     initial = OtterModel(OtterConfig.from_pretrained(TINY_OTTER))
-    open_gates(initial)
+    start_from_scratch(initial)
     accumulated, ddp = (OtterModel.from_pretrained(folder / "model").state_dict() for folder in (output, ddp_output))
     assert max_difference(ddp, initial.state_dict()) > 1e-3
     assert max_difference(accumulated, ddp) < 1e-5
