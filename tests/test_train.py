@@ -165,6 +165,16 @@ def test_short_run_writes_everything(tmp_path):
                       "--output-dir", str(tmp_path / "eval")]) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["shots"]["2"]["mean"] / 100 == summary["tasks"]["icl"]["with_examples"]
+    # scripts/toy_vqa_by_question.py splits the VQA's number by question type
+    by_question = subprocess.run([sys.executable, "scripts/toy_vqa_by_question.py", str(tmp_path)], cwd=ROOT, env=ENV,
+                                 capture_output=True, text=True, check=False)
+    assert by_question.returncode == 0, by_question.stderr[-3000:]
+    header, row = by_question.stdout.splitlines()
+    assert header.split()[1:5] == ["colour", "shape", "count", "position"]
+    counts = [tuple(map(int, cell.split("/"))) for cell in row.split()[1:5]]
+    asked = sum(asked for _, asked in counts)
+    assert asked == len(json.loads((tmp_path / "heldout" / "vqa" / "episodes.json").read_text())["episodes"])
+    assert sum(right for right, _ in counts) / asked == summary["tasks"]["vqa"]["with_examples"]
     table = result.stdout.splitlines()[-4:]
     assert table[0].split() == ["task", "with", "examples", "no", "examples", "blank", "images"], result.stdout
     assert [line.split()[0] for line in table[1:3]] == ["vqa", "icl"] and "steps" in table[3]
