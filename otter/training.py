@@ -180,12 +180,13 @@ def start_from_scratch(model: OtterModel) -> None:
     sincos_position_embeddings(model.vision_encoder.embeddings.position_embedding)
 
 
-def sincos_position_embeddings(embedding: nn.Embedding, temperature: float = 10000.0) -> None:
+def sincos_position_embeddings(embedding: nn.Embedding, scale: float = 0.2, temperature: float = 10000.0) -> None:
     """Fill a ViT's position embeddings (class token first, then a square grid of patches, row by row) with the
-    2D sin-cos pattern of MAE and MoCo v3 (they still train), the class token's with zeros. CLIP's random ones start
-    at std 0.02, a fifth of the tiny Otter's patch embeddings of the toy pictures: learning where things are from
-    them left "Where is the shape?" at 35-42 of 50 held-out on some seeds after the main job's 2374 steps; with
-    these, 50 of 50 (README, "How the recipe was found")."""
+    2D sin-cos pattern of MAE and MoCo v3 times `scale` (they still train), the class token's with zeros. CLIP's
+    random ones start at std 0.02, a fifth of the tiny Otter's patch embeddings of the toy pictures (std 0.1), and
+    some seeds had not learned where a shape is after the main job's 2374 steps; at scale 0.2 the pattern has the
+    patches' std, and at full scale (std 0.7) it drowned what the patches show: the toy video task stayed at chance
+    (README, "How the recipe was found")."""
     patches, dim = embedding.num_embeddings - 1, embedding.embedding_dim
     side = math.isqrt(patches)
     if side * side != patches or dim % 4:
@@ -197,7 +198,7 @@ def sincos_position_embeddings(embedding: nn.Embedding, temperature: float = 100
     angles_y = rows.flatten()[:, None] * frequencies
     with torch.no_grad():
         embedding.weight[0].zero_()
-        embedding.weight[1:] = torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], dim=1)
+        embedding.weight[1:] = scale * torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], 1)
 
 
 def open_gates(model: OtterModel, value: float = 0.5) -> None:
