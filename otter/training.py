@@ -269,6 +269,13 @@ def load_datasets(args: argparse.Namespace, processor: OtterProcessor) -> tuple[
 
 
 # ---- the loop -------------------------------------------------------------------------------------
+def training_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The batch's next-token loss on its labels, with the language model's head run only at the supervised
+    positions (`loss_only`): the full loss and gradients, without a (batch, length, vocab) logits tensor kept for
+    the backward pass. Otter's labels cover the answers alone, so this also skips most of the head's arithmetic."""
+    return model(**batch, loss_only=True).loss
+
+
 def loop(run: Run) -> tuple[int, float, bool]:
     """Train from `run.start_step` to `run.total_steps`; returns (last step, seconds, stopped by SIGTERM). The last
     step is always checkpointed, so `--resume` with a larger `--max-steps` continues where this run ended."""
@@ -286,7 +293,7 @@ def loop(run: Run) -> tuple[int, float, bool]:
         tokens, window_start = 0, time.perf_counter()
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = training_loss(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

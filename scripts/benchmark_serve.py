@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 
 from benchmark_vs_reference import CONFIGS, Sizes, save_tokenizer  # noqa: E402  (sibling script)
 
+from flamingo.cli import quiet_third_party  # noqa: E402
+
 QUESTIONS = ["What colour is the shape?", "What shape is it?", "Where is the shape?", "Describe the picture.",
              "Is there a circle?", "How many shapes are there?", "What is in the image?", "Is it red?"]
 SHAPES = [("circle", "red"), ("square", "blue"), ("triangle", "yellow"), ("cross", "green")]
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=8, help="distinct prompts, sent round-robin")
     parser.add_argument("--threads", type=int, help="the server's torch threads (OMP_NUM_THREADS; default: inherited)")
     args = parser.parse_args(argv)
+    quiet_third_party()
     from openai import OpenAI
 
     with tempfile.TemporaryDirectory(prefix="benchmark-serve-") as folder:

@@ -1,5 +1,6 @@
 """The main job's training step (the tiny Otter on `--data toy-mixture` batches), with the choices otter-train makes
-on a CPU against the ones it made before: attention kernels (SDPA or eager) and batches (mixed, or one task each).
+on a CPU against the ones it made before: attention kernels (SDPA or eager), batches (mixed, or one task each), and
+the loss (from the full logits, or `otter.training.training_loss`: the head at the supervised positions only).
 
     python scripts/benchmark_train_step.py                 # 2 threads, 5 rounds of 30 steps per variant
     python scripts/benchmark_train_step.py --threads 1 --rounds 7
@@ -30,12 +31,14 @@ from flamingo.loading import load_model, load_processor  # noqa: E402
 from otter.data.collate import OtterCollator, UsableSamples  # noqa: E402
 from otter.data.main_job import bundled_data  # noqa: E402
 from otter.data.mixture import TaskBatches  # noqa: E402
+from otter.training import training_loss  # noqa: E402
 
-VARIANTS = {  # name: (attention, batches); the first is the baseline
-    "sdpa, mixed": ("sdpa", "mixed"),
-    "eager, mixed": ("eager", "mixed"),
-    "sdpa, per task": ("sdpa", "per task"),
-    "eager, per task": ("eager", "per task"),
+VARIANTS = {  # name: (attention, batches, loss at the supervised positions only); the first is the baseline
+    "sdpa, mixed": ("sdpa", "mixed", False),
+    "eager, mixed": ("eager", "mixed", False),
+    "sdpa, per task": ("sdpa", "per task", False),
+    "eager, per task": ("eager", "per task", False),
+    "eager, per task, loss_only": ("eager", "per task", True),
 }
 
 
@@ -50,7 +53,8 @@ def main_job_batches(batches: str, count: int, batch_size: int, seed: int) -> li
 
 
 class Trainer:
-    def __init__(self, attention: str, seed: int):
+    def __init__(self, attention: str, loss_only: bool, seed: int):
+        self.loss_only = loss_only
         self.model = load_model("tiny-otter", seed=seed).train()
         self.model.set_attn_implementation(attention)
         recipes.apply(self.model, "all")
@@ -59,7 +63,8 @@ class Trainer:
     def seconds_per_step(self, batches: list[dict]) -> float:
         started = time.perf_counter()
         for batch in batches:
-            self.model(**batch).loss.backward()
+            loss = training_loss(self.model, batch) if self.loss_only else self.model(**batch).loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad()
@@ -77,8 +82,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     batches = {kind: main_job_batches(kind, args.steps, args.batch_size, args.seed) for kind in ("mixed", "per task")}
-    trainers = {name: Trainer(attention, args.seed) for name, (attention, _) in VARIANTS.items()}
-    for name, (_, kind) in VARIANTS.items():  # warm-up
+    trainers = {name: Trainer(attention, loss_only, args.seed) for name, (attention, _, loss_only) in VARIANTS.items()}
+    for name, (_, kind, _) in VARIANTS.items():  # warm-up
         trainers[name].seconds_per_step(batches[kind][:2])
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     names = list(VARIANTS)
@@ -91,10 +96,10 @@ def main() -> None:
     baseline = names[0]
     print(f"main job training step, batch {args.batch_size}, {args.threads} thread(s), {args.rounds} rounds of "
           f"{args.steps} steps (mixed batches: {tokens(batches['mixed'])}; per task: {tokens(batches['per task'])})")
-    print(f"{'variant':<18} {'s/step':>8} {'speed-up':>9} {'(min-max)':>12}")
+    print(f"{'variant':<28} {'s/step':>8} {'speed-up':>9} {'(min-max)':>12}")
     for name, values in times.items():
         ratios = [b / v for b, v in zip(times[baseline], values)]
-        print(f"{name:<18} {statistics.median(values):>8.3f} {statistics.median(ratios):>8.2f}x "
+        print(f"{name:<28} {statistics.median(values):>8.3f} {statistics.median(ratios):>8.2f}x "
               f"{min(ratios):>5.2f}-{max(ratios):.2f}")
 
 

@@ -23,7 +23,8 @@ How it measures, so that a noisy (shared) machine still gives ratios that repeat
   those per-round ratios and their spread (min-max over the rounds), for wall and for CPU time;
 * one torch thread by default (`--threads`): on a few shared cores, more threads mostly measure the neighbours;
 * peak memory of one call above what was resident before it (CPU: peak resident set size, reset through
-  /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated).
+  /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated), the median of `--memory-passes` calls after the
+  rounds (one call's figure moves by a tenth with the state of the heap).
 
 Before timing, ours and OpenFlamingo are checked to be the same model: the largest logit difference and whether
 greedy generation gives the same tokens are printed.
@@ -53,6 +54,7 @@ from reference_factory import build_open_flamingo, open_gates, release_checkpoin
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaTokenizerFast
 
+from flamingo.cli import quiet_third_party
 from flamingo.convert import convert_checkpoint, open_clip_vision_tower
 
 CLIP_NAME = "benchmark-ViT"
@@ -439,7 +441,7 @@ def print_report(samples: dict[Key, list[Sample]], memory: dict[Key, float], job
     print("median s / min s: wall time over the rounds; cpu s: median CPU time of the process; tokens/s: tokens per "
           "median wall second (prompt tokens for forward and train step, new tokens for generate); x bare LM: the bare "
           "LM's time / the system's; ours faster x: the system's time / ours. Ratios are per round, paired: median "
-          "(min-max over the rounds).\n")
+          "(min-max over the rounds). peak MiB: median of the memory passes.\n")
     print_table(["workload", "batch", "images", "system", "median s", "min s", "cpu s", "tokens/s", "peak MiB",
                  "x bare LM", "ours faster x", "ours faster x (cpu)"], workload_rows(samples, memory, jobs, prompt_tokens))
     if any(job.kind == "generate" for job in jobs):
@@ -514,6 +516,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generate-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round (default 7)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the most repeatable)")
+    parser.add_argument("--memory-passes", type=int, default=3,
+                        help="peak-memory calls per workload and system after the rounds; the median is reported (default 3)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and pixels (default float32)")
     parser.add_argument("--profile-train-step", action="store_true",
@@ -532,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); nothing was measured", file=sys.stderr)
         return
     logging.basicConfig(level=logging.WARNING)
+    quiet_third_party()
     torch.set_num_threads(args.threads)
     sizes, device, dtype = CONFIGS[args.config], torch.device(args.device), DTYPES[args.dtype]
 
@@ -558,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         call()
     started = time.perf_counter()
     samples = run_rounds(calls, args.rounds, device)
-    memory = {(job, system.name): peak_mib(call, device) for job, system, call in calls}
+    memory = {(job, system.name): statistics.median(peak_mib(call, device) for _ in range(args.memory_passes))
+              for job, system, call in calls}
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nconfig={args.config} {sizes} device={device_name} dtype={args.dtype} rounds={args.rounds} "

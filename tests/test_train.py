@@ -135,6 +135,43 @@ def test_sin_cos_positions_refuse_a_grid_that_is_not_square():
         sincos_position_embeddings(torch.nn.Embedding(13, 64))
 
 
+def test_the_training_loss_is_the_full_loss_without_the_full_logits():
+    """otter-train's loss (`training_loss`) runs the head only where Otter's labels supervise the next token; its
+    value and gradients are those of the plain `labels` loss (tolerance 1e-6, float32)."""
+    from argparse import Namespace
+
+    from flamingo.loading import load_model, load_processor
+    from otter.data.collate import OtterCollator, UsableSamples
+    from otter.data.main_job import bundled_data
+    from otter.training import configure_trainable, training_loss
+
+    processor = load_processor("tiny-otter")
+    samples = bundled_data("toy-mixture", 0)[0]
+    usable = UsableSamples(samples, processor, max_length=256)
+    batch = OtterCollator(processor)([usable[i] for i in range(4)])
+    model = load_model("tiny-otter", seed=0).train()
+    configure_trainable(model, Namespace(trainable="otter", train_vision_encoder=False), from_scratch=False)
+    supervised = (batch["labels"][:, 1:] != -100).sum().item()
+    assert 0 < supervised < batch["labels"][:, 1:].numel() / 2, "Otter's labels cover the answers only"
+
+    def loss_and_gradients(loss_of) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = loss_of()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_rows.append(out.shape))
+    fast_loss, fast_grads = loss_and_gradients(lambda: training_loss(model, batch))
+    assert head_rows == [], "no full (batch, length, vocab) logits"
+    full_loss, full_grads = loss_and_gradients(lambda: model(**batch).loss)
+    hook.remove()
+    assert head_rows == [(*batch["input_ids"].shape, model.config.text_config.vocab_size)]
+    assert torch.allclose(fast_loss, full_loss, atol=1e-6)
+    assert fast_grads.keys() == full_grads.keys() and any("lm_head" in n for n in fast_grads)
+    assert max_difference(fast_grads, full_grads) < 1e-6
+
+
 @pytest.mark.slow
 def test_short_run_writes_everything(tmp_path):
     result = run_train(tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2", "--eval-every", "3",
