@@ -36,9 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from benchmark_vs_reference import CONFIGS, Sizes, save_tokenizer  # noqa: E402  (sibling script)
-
-from flamingo.cli import quiet_third_party  # noqa: E402
+# (sibling script; importing it also silences known third-party warnings, before torch is imported)
+from benchmark_vs_reference import CONFIGS, Sizes, save_tokenizer  # noqa: E402
 
 QUESTIONS = ["What colour is the shape?", "What shape is it?", "Where is the shape?", "Describe the picture.",
              "Is there a circle?", "How many shapes are there?", "What is in the image?", "Is it red?"]
@@ -222,7 +221,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=8, help="distinct prompts, sent round-robin")
     parser.add_argument("--threads", type=int, help="the server's torch threads (OMP_NUM_THREADS; default: inherited)")
     args = parser.parse_args(argv)
-    quiet_third_party()
     from openai import OpenAI
 
     with tempfile.TemporaryDirectory(prefix="benchmark-serve-") as folder:

@@ -49,13 +49,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from reference_factory import build_open_flamingo, open_gates, release_checkpoint, save_open_clip
-from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaTokenizerFast
-
 from flamingo.cli import quiet_third_party
-from flamingo.convert import convert_checkpoint, open_clip_vision_tower
+
+quiet_third_party()  # before torch and transformers: some of the warnings it silences come at their import
+
+import torch  # noqa: E402
+from reference_factory import build_open_flamingo, open_gates, release_checkpoint, save_open_clip  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaTokenizerFast  # noqa: E402
+
+from flamingo.convert import convert_checkpoint, open_clip_vision_tower  # noqa: E402
 
 CLIP_NAME = "benchmark-ViT"
 SYSTEMS = ["bare LM", "ours", "OpenFlamingo", "IDEFICS"]
@@ -525,6 +528,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.memory_passes < 1:
+        parser.error(f"--memory-passes must be at least 1, got {args.memory_passes}")
     args.config = args.config or ("9b" if args.device == "cuda" else "scaled-9b")
     return args
 
@@ -536,7 +541,6 @@ def main(argv: list[str] | None = None) -> None:
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); nothing was measured", file=sys.stderr)
         return
     logging.basicConfig(level=logging.WARNING)
-    quiet_third_party()
     torch.set_num_threads(args.threads)
     sizes, device, dtype = CONFIGS[args.config], torch.device(args.device), DTYPES[args.dtype]
 

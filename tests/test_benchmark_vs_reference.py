@@ -99,3 +99,12 @@ def test_cuda_without_a_gpu_is_a_clean_skip():
     assert result.returncode == 0, result.stderr
     assert "skipped, --device cuda but torch sees no CUDA device" in result.stderr
     assert "Traceback" not in result.stderr and "round" not in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--memory-passes"])
+def test_a_count_below_one_is_refused_with_the_flag_named(flag, capsys):
+    benchmark = load_script()
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_arguments([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err

@@ -160,13 +160,13 @@ def test_the_training_loss_is_the_full_loss_without_the_full_logits():
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    head_rows = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_rows.append(out.shape))
+    head_outputs = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_outputs.append(out.shape))
     fast_loss, fast_grads = loss_and_gradients(lambda: training_loss(model, batch))
-    assert head_rows == [], "no full (batch, length, vocab) logits"
+    assert head_outputs == [], "no full (batch, length, vocab) logits"
     full_loss, full_grads = loss_and_gradients(lambda: model(**batch).loss)
     hook.remove()
-    assert head_rows == [(*batch["input_ids"].shape, model.config.text_config.vocab_size)]
+    assert head_outputs == [(*batch["input_ids"].shape, model.config.text_config.vocab_size)]
     assert torch.allclose(fast_loss, full_loss, atol=1e-6)
     assert fast_grads.keys() == full_grads.keys() and any("lm_head" in n for n in fast_grads)
     assert max_difference(fast_grads, full_grads) < 1e-6
