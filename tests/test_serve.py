@@ -8,11 +8,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
-openai = pytest.importorskip("openai", reason="otter-serve's tests need the `serve` extra (pip install openai)")
+openai = pytest.importorskip("openai", reason="otter-serve's tests need the `serve` extra (pip install -e '.[serve]')")
+httpx = pytest.importorskip("httpx", reason="otter-serve's tests need the `serve` extra (pip install -e '.[serve]')")
 
 from tiny_models import TINY_OTTER_DIR  # noqa: E402
 
