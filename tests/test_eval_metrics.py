@@ -1,6 +1,7 @@
 """flamingo.eval.metrics against the reference implementations: pycocoevalcap's COCOEvalCap (CIDEr), the official
 VQA evaluation script's behaviour on its edge cases (written out below), scikit-learn (ROC AUC)."""
 
+import importlib.util
 import json
 import shutil
 
@@ -9,6 +10,10 @@ import pytest
 from flamingo.eval import metrics
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer runs Java")
+needs_eval_extra = pytest.mark.skipif(
+    any(importlib.util.find_spec(module) is None for module in ("pycocoevalcap", "sklearn")),
+    reason="needs the `eval` extra (CIDEr from pycocoevalcap, ROC AUC from scikit-learn): pip install -e '.[eval]'",
+)
 
 CAPTIONS = {
     1: "A man riding a wave on top of a surfboard.",
@@ -41,6 +46,7 @@ REFERENCES = {
 
 
 @needs_java
+@needs_eval_extra
 def test_cider_equals_coco_eval_cap(tmp_path, monkeypatch):
     """COCOEvalCap end to end (pycocotools' COCO + loadRes, as OpenFlamingo's coco_metric.py), with its Java
     METEOR/SPICE scorers (SPICE downloads models) left out: they do not change CIDEr."""
@@ -85,6 +91,7 @@ class _Skip:
 
 
 @needs_java
+@needs_eval_extra
 def test_cider_ranks_a_matching_caption_above_an_unrelated_one():
     # (CIDEr's n-gram weights need a corpus: on one image every n-gram has idf 0)
     good = metrics.cider({**CAPTIONS, 1: "a man riding a wave on a surfboard"}, REFERENCES)
@@ -162,6 +169,7 @@ def test_openflamingo_answer_postprocessing():
 # --- classification ----------------------------------------------------------------------------------------------
 
 
+@needs_eval_extra
 def test_roc_auc_equals_scikit_learn():
     from sklearn.metrics import roc_auc_score
 

@@ -2,6 +2,7 @@
 class ranking equals full-sequence scoring, unreadable images are skipped and counted, the output files, Otter's
 prompt format, and 2 gloo processes giving what 1 gives."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +22,10 @@ from otter import OtterModel, OtterProcessor
 from otter.data.toy_eval import make_toy_eval_data
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr's PTB tokenizer runs Java")
+needs_eval_extra = pytest.mark.skipif(
+    any(importlib.util.find_spec(module) is None for module in ("pycocoevalcap", "sklearn")),
+    reason="needs the `eval` extra (CIDEr from pycocoevalcap, ROC AUC from scikit-learn): pip install -e '.[eval]'",
+)
 
 
 def tiny(model_class=FlamingoModel, folder=TINY_FLAMINGO_DIR, seed=0):
@@ -121,6 +126,7 @@ def test_cached_prefix_ranking_equals_full_sequence_scoring(flamingo, toy, tmp_p
     assert best == task.class_names[max(range(3), key=expected.__getitem__)]
 
 
+@needs_eval_extra
 def test_classification_scores_roc_auc(flamingo, toy, tmp_path):
     model, processor = flamingo
     task = make_classification_task(toy, tmp_path)
@@ -145,6 +151,7 @@ def test_an_unreadable_image_is_skipped_and_counted(flamingo, toy, tmp_path):
 
 
 @needs_java
+@needs_eval_extra
 def test_command_writes_results_predictions_and_table(model_dir, toy, tmp_path, capsys):
     out = tmp_path / "out"
     status = eval_main(
