@@ -42,6 +42,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import DynamicCache, TopPLogitsWarper
 
+from flamingo.kernels import FewRowsLinear
 from flamingo.modeling_flamingo import MediaCache
 from flamingo.video import stretch_indices
 from otter.client import API_KEY_ENV
@@ -713,9 +714,10 @@ class Scheduler:
         self.counters.decoded_rows += len(batch.rows)
         started = time.perf_counter()
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-        output = self.chat.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.mask,
-                                 position_ids=batch.positions[:, None], cache=batch.cache, media_cache=batch.media,
-                                 attended_image=batch.attended[:, None], use_cache=True)
+        with FewRowsLinear():  # a step's products have a row per sequence: see flamingo/kernels.py
+            output = self.chat.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.mask,
+                                     position_ids=batch.positions[:, None], cache=batch.cache,
+                                     media_cache=batch.media, attended_image=batch.attended[:, None], use_cache=True)
         batch.cache, batch.media = output.cache, output.media_cache
         batch.positions = batch.positions + 1
         batch.next_tokens = self._choose(output.logits[:, -1], batch.rows[0].job.sampling)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 openai = pytest.importorskip("openai", reason="otter-serve's tests need the `serve` extra (pip install -e '.[serve]')")
@@ -16,6 +17,7 @@ httpx = pytest.importorskip("httpx", reason="otter-serve's tests need the `serve
 
 from tiny_models import TINY_OTTER_DIR  # noqa: E402
 
+from flamingo.kernels import few_rows_linear  # noqa: E402
 from otter.client import RemoteChatModel, image_url  # noqa: E402
 from otter.conversation import Conversation, GenerationSettings, load_chat_model  # noqa: E402
 from otter.data.shapes import draw_shape  # noqa: E402
@@ -156,6 +158,33 @@ def test_concurrent_requests_are_batched_and_answered_alone(client, chat, server
     assert after["largest_batch"] > 1
     for question, length, answer in zip(questions, lengths, answers, strict=True):
         assert answer == reference(chat, Conversation().ask(question, [shape()]), length)
+
+
+def test_a_worker_with_two_threads_decodes_with_few_rows_linear_and_the_same_answers(chat, monkeypatch):
+    """With more than one torch thread, the decoding steps compute their products as (W @ xᵀ)ᵀ
+    (flamingo/kernels.py); a batch's greedy answers stay those of `model.generate` for each request alone."""
+    import flamingo.kernels as kernels
+
+    routed = []
+
+    def counting(x, weight, bias=None):
+        routed.append(x.shape[0])
+        return few_rows_linear(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "few_rows_linear", counting)
+    questions = [f"Which shape is {i}?" for i in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the worker thread starts with it
+    try:
+        with ServerThread(create_app(chat, ServerSettings(model_id=MODEL_ID, api_key=KEY))) as two_threads:
+            client = openai.OpenAI(base_url=f"{two_threads.url}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+            answers = concurrently(lambda i: ask(client, [user(questions[i], shape())], max_tokens=6), 4)
+            assert health(two_threads)["largest_batch"] > 1
+    finally:
+        torch.set_num_threads(threads)
+    assert routed and max(routed) > 1
+    for question, answer in zip(questions, answers, strict=True):
+        assert answer.choices[0].message.content == reference(chat, Conversation().ask(question, [shape()]), 6)
 
 
 def test_requests_join_and_leave_a_running_batch_with_unchanged_answers(client, chat, server):
