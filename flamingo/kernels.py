@@ -3,14 +3,16 @@
 A decoding step multiplies a few rows, one per sequence in the batch, by every weight matrix of the model. With
 more than one thread, PyTorch's CPU `F.linear(x, W)` for a few rows of `x` (MKL's `x @ Wᵀ`) splits that work badly
 between the threads; the same product computed as `(W @ xᵀ)ᵀ` is split along W's rows. On this project's 2-core CPU
-(AMD EPYC, MKL, 2 threads) a 16-row decoding step of the scaled-9B model takes about 105 ms instead of 170, and a
-4-row step 55 instead of 125 (docs/serving.md has the measurements). With 16 to 128 rows the results were bitwise
-those of `F.linear` on every shape measured; with 2 to 8 they differ by float32 rounding (about 3e-6 in the logits).
-One row is left alone (both forms are the same matrix-vector product), and so is one thread, where the difference is
-small and goes both ways.
+(AMD EPYC, MKL, 2 threads), a decoding step of the scaled-9B model took 54 instead of 125 ms with 4 rows and 106
+instead of 143 with 16 (`python scripts/profile_serve.py --threads 2 --batches 1 4 16`, docs/serving.md). With 16 to
+128 rows the results were bitwise those of `F.linear` on every shape measured; with 2 to 8 they differ by float32
+rounding (about 3e-6 in the logits). One row is left alone (both forms are the same matrix-vector product), and so
+is one thread, where the two forms are within 10 % of each other either way. Not measured on other CPUs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +35,20 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 class FewRowsLinear(TorchFunctionMode):
-    """Within this mode, `F.linear` on 2 to `MAX_ROWS` float32 rows on CPU runs as `few_rows_linear`, when torch uses
-    more than one thread (read on entry). Everything else runs as usual."""
-
-    def __enter__(self):
-        self.active = torch.get_num_threads() > 1
-        return super().__enter__()
+    """Within this mode, `F.linear` on 2 to `MAX_ROWS` float32 rows on CPU runs as `few_rows_linear`; everything else
+    runs as usual. The mode sees every torch call made under it (about 4 ms per decoding step of the scaled-9B
+    model, whatever the rows), so enter it through `decoding_linears`, which does only where it pays."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and self.active and len(args) >= 2 and _transposable(*args[:2]):
+        if func is F.linear and len(args) >= 2 and _transposable(*args[:2]):
             return few_rows_linear(*args[:2], args[2] if len(args) > 2 else kwargs.get("bias"))
         return func(*args, **kwargs)
+
+
+def decoding_linears(rows: int) -> contextlib.AbstractContextManager:
+    """The context for a decoding step of `rows` sequences: `FewRowsLinear` for 2 to `MAX_ROWS` rows when torch runs
+    more than one thread in this thread, nothing otherwise."""
+    if 2 <= rows <= MAX_ROWS and torch.get_num_threads() > 1:
+        return FewRowsLinear()
+    return contextlib.nullcontext()

@@ -42,7 +42,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import DynamicCache, TopPLogitsWarper
 
-from flamingo.kernels import FewRowsLinear
+from flamingo.kernels import decoding_linears
 from flamingo.modeling_flamingo import MediaCache
 from flamingo.video import stretch_indices
 from otter.client import API_KEY_ENV
@@ -714,7 +714,7 @@ class Scheduler:
         self.counters.decoded_rows += len(batch.rows)
         started = time.perf_counter()
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-        with FewRowsLinear():  # a step's products have a row per sequence: see flamingo/kernels.py
+        with decoding_linears(len(batch.rows)):  # a product per layer of a row per sequence: flamingo/kernels.py
             output = self.chat.model(input_ids=batch.next_tokens[:, None], attention_mask=batch.mask,
                                      position_ids=batch.positions[:, None], cache=batch.cache,
                                      media_cache=batch.media, attended_image=batch.attended[:, None], use_cache=True)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The pieces of otter-serve's work, timed in-process at batch 1 and 16 on the scaled-9b config (random weights):
 the images (vision tower and perceiver), the language model's prompt pass (with the logits of every position, and
-of the last one only, as the server computes them), and one decoding step against the prompt's KV cache.
+of the last one only, as the server computes them), and one decoding step against the prompt's KV cache, with its
+linear layers as the server runs them (`flamingo.kernels.decoding_linears`: FewRowsLinear from 2 rows, with more than one thread) and
+with plain `F.linear`.
 
 The prompts are those of scripts/benchmark_serve.py, one image each. Each time is the best of 3 after a warm-up.
 
@@ -37,6 +39,7 @@ def time_batch(model, pad: int, inputs: list[dict], size: int) -> dict[str, floa
     """Seconds of each piece for a batch of `size` rows (the prompts round-robin, left padded as the server does)."""
     import torch
 
+    from flamingo.kernels import decoding_linears
     from flamingo.modeling_flamingo import MediaCache
     from otter.server import left_pad
 
@@ -59,9 +62,14 @@ def time_batch(model, pad: int, inputs: list[dict], size: int) -> dict[str, floa
                      cache=copy.deepcopy(output.cache), media_cache=output.media_cache, attended_image=attended,
                      use_cache=True)
 
+    def server_step():
+        with decoding_linears(size):
+            return step()
+
+    copying = best_of(lambda: copy.deepcopy(output.cache))
     return {"images": best_of(lambda: model.encode_images(vision_x)), "every": best_of(lambda: prompt(0)),
-            "last": best_of(lambda: prompt(1)),
-            "decode": best_of(step, 5) - best_of(lambda: copy.deepcopy(output.cache))}
+            "last": best_of(lambda: prompt(1)), "decode": best_of(server_step, 5) - copying,
+            "plain": best_of(step, 5) - copying}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"batch {size:2d}: images {ms['images']:.0f} ms ({ms['images'] / size:.0f} per image); prompt pass "
                   f"{ms['every']:.0f} ms with every position's logits, {ms['last']:.0f} ms with the last one's "
                   f"({ms['last'] / size:.0f} per row); decoding step {ms['decode']:.0f} ms "
-                  f"({ms['decode'] / size:.0f} per row)", flush=True)
+                  f"({ms['decode'] / size:.0f} per row; with plain F.linear {ms['plain']:.0f} ms, "
+                  f"x{ms['plain'] / ms['decode']:.2f})", flush=True)
 
 
 if __name__ == "__main__":

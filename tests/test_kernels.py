@@ -1,6 +1,6 @@
-"""`flamingo.kernels.FewRowsLinear`: decoding-step products computed as `(W @ xᵀ)ᵀ` give `F.linear`'s results
-(to float32 rounding: 1e-6 relative on a product, 1e-5 on the logits of a decoding step) and apply only where
-they are meant to: 2 to 128 float32 rows on CPU, more than one thread."""
+"""`flamingo.kernels`: decoding-step products computed as `(W @ xᵀ)ᵀ` give `F.linear`'s results (to float32
+rounding: 1e-6 relative on a product, 1e-5 on the logits of a decoding step) and apply only where they are meant to:
+2 to 128 float32 rows on CPU, with more than one thread."""
 
 import copy
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tiny_models import IMAGE, tiny_model
 
 import flamingo.kernels as kernels
-from flamingo.kernels import FewRowsLinear, few_rows_linear
+from flamingo.kernels import FewRowsLinear, decoding_linears, few_rows_linear
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_few_rows_linear_is_linear(rows, with_bias):
     torch.testing.assert_close(output, F.linear(x, weight, bias), rtol=1e-6, atol=1e-5)
 
 
-def test_mode_takes_few_float32_rows_on_cpu_with_threads_only(two_threads, routed):
+def test_mode_takes_few_float32_rows_on_cpu_only(routed):
     weight = torch.randn(64, 32)
     with FewRowsLinear():
         for shape in [(16, 1, 32), (2, 32), (1, 1, 32), (129, 32), (32,)]:
@@ -54,10 +54,14 @@ def test_mode_takes_few_float32_rows_on_cpu_with_threads_only(two_threads, route
         F.linear(torch.randn(8, 32, dtype=torch.float64), weight.double())
         torch.nn.Linear(32, 64)(torch.randn(4, 1, 32))
     assert routed == [(16, 1, 32), (2, 32), (4, 1, 32)]
+
+
+def test_decoding_steps_enter_the_mode_from_two_rows_with_two_threads(two_threads):
+    assert isinstance(decoding_linears(2), FewRowsLinear) and isinstance(decoding_linears(128), FewRowsLinear)
+    assert not isinstance(decoding_linears(1), FewRowsLinear)  # the mode's own cost, for nothing
+    assert not isinstance(decoding_linears(129), FewRowsLinear)
     torch.set_num_threads(1)
-    with FewRowsLinear():
-        F.linear(torch.randn(16, 1, 32), weight)
-    assert len(routed) == 3
+    assert not isinstance(decoding_linears(16), FewRowsLinear)
 
 
 def test_decoding_step_under_the_mode_gives_the_plain_step_s_logits(two_threads, routed):
@@ -78,7 +82,7 @@ def test_decoding_step_under_the_mode_gives_the_plain_step_s_logits(two_threads,
                     position_ids=positions[:, -1:] + 1, media_cache=prompt.media_cache, use_cache=True,
                     attended_image=model.attended_images(torch.cat([input_ids, next_ids], 1))[:, -1:])
         expected = model(**step, cache=copy.deepcopy(prompt.cache)).logits
-        with FewRowsLinear():
+        with decoding_linears(4):
             logits = model(**step, cache=copy.deepcopy(prompt.cache)).logits
     assert len(routed) > 5  # the attention, MLP and cross-attention projections and the head
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
