@@ -6,8 +6,11 @@ linear layers as the server runs them (`flamingo.kernels.decoding_linears`: FewR
 with plain `F.linear`.
 
 The prompts are those of scripts/benchmark_serve.py, one image each. Each time is the best of 3 after a warm-up.
+`--products` also times each weight shape of a decoding step alone, `F.linear(x, W)` against
+`flamingo.kernels.few_rows_linear` (`(W @ xᵀ)ᵀ`), for 1 to 128 rows, and says where their results are bitwise equal.
 
     python scripts/profile_serve.py --threads 1
+    python scripts/profile_serve.py --threads 2 --batches 1 4 16 --products
 """
 
 from __future__ import annotations
@@ -72,10 +75,44 @@ def time_batch(model, pad: int, inputs: list[dict], size: int) -> dict[str, floa
             "plain": best_of(step, 5) - copying}
 
 
+PRODUCT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def product_cell(x, weight) -> str:
+    import torch
+    import torch.nn.functional as F
+
+    from flamingo.kernels import few_rows_linear
+
+    plain, transposed = best_of(lambda: F.linear(x, weight), 5), best_of(lambda: few_rows_linear(x, weight), 5)
+    same = torch.equal(F.linear(x, weight), few_rows_linear(x, weight))
+    return f"{plain / transposed:6.2f}{'=' if same else '~'}"
+
+
+def print_products(model) -> None:
+    """Each distinct weight shape of the decoding path, alone: F.linear's time / few_rows_linear's, per row count
+    (`=` where the two results are bitwise equal, `~` where they differ by rounding). Weights are read once per call
+    from memory as in a step only when they do not fit the caches; here they are reused call after call."""
+    import torch
+
+    skipped = ("vision_encoder", "perceiver", "to_kv")  # the images' side: run once per prompt, not per step
+    decoding = [module for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and not any(part in name for part in skipped)]
+    shapes = sorted({tuple(module.weight.shape) for module in decoding}, key=lambda shape: -shape[0] * shape[1])
+    print("lone products, F.linear time / (W @ x.T).T time (= bitwise equal results, ~ not):")
+    print("weight (out, in)  " + " ".join(f"{rows:>7d}" for rows in PRODUCT_ROWS))
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in shapes:
+        weight = torch.randn(out_features, in_features, generator=generator) * in_features**-0.5
+        cells = [product_cell(torch.randn(rows, 1, in_features, generator=generator), weight) for rows in PRODUCT_ROWS]
+        print(f"{str((out_features, in_features)):17s} " + " ".join(cells), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--products", action="store_true", help="also time each weight shape's product alone")
     args = parser.parse_args(argv)
     import torch
     from benchmark_serve import CONFIGS, prompts, scaled_otter_folder
@@ -100,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"({ms['last'] / size:.0f} per row); decoding step {ms['decode']:.0f} ms "
                   f"({ms['decode'] / size:.0f} per row; with plain F.linear {ms['plain']:.0f} ms, "
                   f"x{ms['plain'] / ms['decode']:.2f})", flush=True)
+        if args.products:
+            print_products(model)
 
 
 if __name__ == "__main__":
