@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import re
 
+import torch
 from torch import nn
 
 TRAINABLE_SETS = ("otter", "all", "lora")
@@ -23,7 +24,7 @@ LORA_RANK, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 LORA_TARGETS = r".*\.decoder_layer\..*\.(q_proj|v_proj|query_key_value|Wqkv)$"
 # Weight decay applies to the cross-attention matrices only (Otter): never to gates, norms, biases, the feed-forward's
 # LayerNorm, or the embeddings, whose frozen rows would otherwise decay.
-NO_DECAY = ("gate", "norm", "bias", "feed_forward.0")
+NO_DECAY = ("attn_gate", "ff_gate", "norm", "bias", "feed_forward.0")  # not "gate": gated_cross_attn_layer has it
 
 
 def check_trainable(trainable: str) -> str:
@@ -87,5 +88,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-__all__ = ["FP32_MODULES", "LORA_TARGETS", "TRAINABLE_SETS", "apply", "decays", "freeze_for", "lora_parameter_count",
-           "parameter_groups"]
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # devices with torch's fused AdamW kernel that this project runs on
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`, with torch's fused kernel when every trainable parameter is on a CPU or CUDA
+    device (as transformers' Trainer does by default): one call updates every parameter, where the default loops
+    over them, a few operations each (`scripts/benchmark_train_step.py` measures the difference)."""
+    groups = parameter_groups(model, weight_decay)
+    fused = all(parameter.device.type in FUSED_ADAMW_DEVICES for group in groups for parameter in group["params"])
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fused else None)
+
+
+__all__ = ["FP32_MODULES", "LORA_TARGETS", "TRAINABLE_SETS", "adamw", "apply", "decays", "freeze_for",
+           "lora_parameter_count", "parameter_groups"]

@@ -121,7 +121,7 @@ def setup(args: argparse.Namespace) -> Run:
                          f"(--batch-size {args.batch_size} x {accelerator.num_processes} process(es) x --grad-accum "
                          f"{args.grad_accum}): use a smaller batch or more data")
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(recipes.parameter_groups(model, args.weight_decay), lr=args.lr)
+    optimizer = recipes.adamw(model, args.lr, args.weight_decay)
     # accelerate steps a prepared scheduler once per process at every optimizer step (under DeepSpeed too: a
     # LambdaLR is not one of DeepSpeed's schedulers, so accelerate, not the engine, steps it).
     schedule_steps = total_steps * accelerator.num_processes

@@ -1,6 +1,7 @@
 """The main job's training step (the tiny Otter on `--data toy-mixture` batches), with the choices otter-train makes
 on a CPU against the ones it made before: attention kernels (SDPA or eager), batches (mixed, or one task each), and
-the loss (from the full logits, or `otter.training.training_loss`: the head at the supervised positions only).
+the loss (from the full logits, or `otter.training.training_loss`: the head at the supervised positions only), and
+the optimizer (torch's AdamW with its default per-parameter loop, or `flamingo.recipes.adamw`: the fused kernel).
 
     python scripts/benchmark_train_step.py                 # 2 threads, 5 rounds of 30 steps per variant
     python scripts/benchmark_train_step.py --threads 1 --rounds 7
@@ -33,12 +34,13 @@ from otter.data.main_job import bundled_data  # noqa: E402
 from otter.data.mixture import TaskBatches  # noqa: E402
 from otter.training import training_loss  # noqa: E402
 
-VARIANTS = {  # name: (attention, batches, loss at the supervised positions only); the first is the baseline
-    "sdpa, mixed": ("sdpa", "mixed", False),
-    "eager, mixed": ("eager", "mixed", False),
-    "sdpa, per task": ("sdpa", "per task", False),
-    "eager, per task": ("eager", "per task", False),
-    "eager, per task, loss_only": ("eager", "per task", True),
+VARIANTS = {  # name: (attention, batches, loss at the supervised positions only, fused AdamW); the first is the baseline
+    "sdpa, mixed": ("sdpa", "mixed", False, False),
+    "eager, mixed": ("eager", "mixed", False, False),
+    "sdpa, per task": ("sdpa", "per task", False, False),
+    "eager, per task": ("eager", "per task", False, False),
+    "eager, per task, loss_only": ("eager", "per task", True, False),
+    "... and fused AdamW": ("eager", "per task", True, True),
 }
 
 
@@ -53,12 +55,13 @@ def main_job_batches(batches: str, count: int, batch_size: int, seed: int) -> li
 
 
 class Trainer:
-    def __init__(self, attention: str, loss_only: bool, seed: int):
+    def __init__(self, attention: str, loss_only: bool, fused: bool, seed: int):
         self.loss_only = loss_only
         self.model = load_model("tiny-otter", seed=seed).train()
         self.model.set_attn_implementation(attention)
         recipes.apply(self.model, "all")
-        self.optimizer = torch.optim.AdamW(recipes.parameter_groups(self.model, 0.0), lr=1e-3)
+        self.optimizer = (recipes.adamw(self.model, 1e-3, 0.0) if fused
+                          else torch.optim.AdamW(recipes.parameter_groups(self.model, 0.0), lr=1e-3))
 
     def seconds_per_step(self, batches: list[dict]) -> float:
         started = time.perf_counter()
@@ -82,8 +85,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     batches = {kind: main_job_batches(kind, args.steps, args.batch_size, args.seed) for kind in ("mixed", "per task")}
-    trainers = {name: Trainer(attention, loss_only, args.seed) for name, (attention, _, loss_only) in VARIANTS.items()}
-    for name, (_, kind, _) in VARIANTS.items():  # warm-up
+    trainers = {name: Trainer(attention, loss_only, fused, args.seed)
+                for name, (attention, _, loss_only, fused) in VARIANTS.items()}
+    for name, (_, kind, _, _) in VARIANTS.items():  # warm-up
         trainers[name].seconds_per_step(batches[kind][:2])
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     names = list(VARIANTS)

@@ -52,3 +52,37 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
     assert grads.keys() == checkpointed_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], checkpointed_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_default_loop():
+    """`recipes.adamw` (otter-train's optimizer) uses torch's fused kernel on CPU; after three steps every trained
+    parameter equals the default AdamW's over the same groups to 1e-6 (the same update, rounded in another order)."""
+    from flamingo import recipes
+
+    models = [tiny_model().train() for _ in range(2)]
+    for model in models:
+        model.set_trainable()
+    optimizers = [recipes.adamw(models[0], 1e-2, 0.1),
+                  torch.optim.AdamW(recipes.parameter_groups(models[1], 0.1), lr=1e-2)]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    assert [group["weight_decay"] for group in optimizers[0].param_groups] == [0.1, 0.0]
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            loss_and_grads(model)
+            optimizer.step()
+    fused, plain = (dict(model.named_parameters()) for model in models)
+    assert any(not torch.equal(fused[name], tiny_model().state_dict()[name]) for name in fused)  # it did train
+    for name, parameter in fused.items():
+        torch.testing.assert_close(parameter, plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_weight_decay_falls_on_the_cross_attention_matrices_only():
+    from flamingo.recipes import decays
+
+    block = "lang_encoder.model.layers.1.gated_cross_attn_layer."
+    decayed = [block + name for name in ("attn.to_q.weight", "attn.to_kv.weight", "attn.to_out.weight",
+                                         "feed_forward.1.weight", "feed_forward.3.weight")]
+    kept = [block + name for name in ("attn_gate", "ff_gate", "attn.norm.weight", "attn.norm.bias",
+                                      "feed_forward.0.weight", "feed_forward.0.bias")]
+    kept += ["perceiver.layers.0.to_q.weight", "lang_encoder.model.embed_tokens.weight", "lang_encoder.lm_head.weight"]
+    assert [name for name in decayed + kept if decays(name)] == decayed
