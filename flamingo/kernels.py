@@ -5,7 +5,7 @@ more than one thread, PyTorch's CPU `F.linear(x, W)` for a few rows of `x` (MKL'
 split the work between threads along the rows of x; the same product computed as `(W @ xᵀ)ᵀ` runs up to 4 times
 faster. On this project's 2-core CPU (AMD EPYC, MKL, 2 threads), a decoding step of the scaled-9B model took 53
 instead of 118 ms with 4 rows and 107 instead of 141 with 16 (`python scripts/profile_serve.py --threads 2
---batches 1 4 16 --products`, docs/serving.md). With 16 to 128 rows the results were bitwise those of `F.linear` on
+--batches 1 4 16`; each product alone with `--products`; docs/serving.md). With 16 to 128 rows the results were bitwise those of `F.linear` on
 every shape measured; with 2 to 8 they differ by float32 rounding (about 3e-6 in the logits). One row is left alone
 (the two forms gave the same results and times), and so is one thread, where the lone products range from 0.6 to
 2.4 times either way. Not measured on other CPUs.
