@@ -1,19 +1,12 @@
 """flamingo.eval.metrics against the reference implementations: pycocoevalcap's COCOEvalCap (CIDEr), the official
 VQA evaluation script's behaviour on its edge cases (written out below), scikit-learn (ROC AUC)."""
 
-import importlib.util
 import json
-import shutil
 
 import pytest
+from extras import needs_eval_extra, needs_java
 
 from flamingo.eval import metrics
-
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer runs Java")
-needs_eval_extra = pytest.mark.skipif(
-    any(importlib.util.find_spec(module) is None for module in ("pycocoevalcap", "sklearn")),
-    reason="needs the `eval` extra (CIDEr from pycocoevalcap, ROC AUC from scikit-learn): pip install -e '.[eval]'",
-)
 
 CAPTIONS = {
     1: "A man riding a wave on top of a surfboard.",

@@ -2,7 +2,6 @@
 class ranking equals full-sequence scoring, unreadable images are skipped and counted, the output files, Otter's
 prompt format, and 2 gloo processes giving what 1 gives."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from extras import needs_eval_extra, needs_java
 from tiny_models import ROOT, TINY_FLAMINGO_DIR, TINY_OTTER_DIR, randomize_gates
 from transformers import AutoConfig
 
@@ -20,12 +20,6 @@ from flamingo.eval.cli import main as eval_main
 from flamingo.eval.runner import _Runner, build_prompt
 from otter import OtterModel, OtterProcessor
 from otter.data.toy_eval import make_toy_eval_data
-
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr's PTB tokenizer runs Java")
-needs_eval_extra = pytest.mark.skipif(
-    any(importlib.util.find_spec(module) is None for module in ("pycocoevalcap", "sklearn")),
-    reason="needs the `eval` extra (CIDEr from pycocoevalcap, ROC AUC from scikit-learn): pip install -e '.[eval]'",
-)
 
 
 def tiny(model_class=FlamingoModel, folder=TINY_FLAMINGO_DIR, seed=0):
