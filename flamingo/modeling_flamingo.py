@@ -102,10 +102,14 @@ class PerceiverBlock(GradientCheckpointingLayer):
         self.feed_forward = feed_forward(dim, config.perceiver_ff_mult)
 
     def forward(self, latents: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
-        # latents (N, n_latents, D_v); media (N, F·v, D_v), N = B·T_img; kept 3-D for bnb int8 on CPU
+        # latents (N or 1, n_latents, D_v); media (N, F·v, D_v), N = B·T_img; kept 3-D for bnb int8 on CPU.
+        # The first block gets the learned latents once, (1, n_latents, D_v): its query and latent keys and values
+        # are the same for every image, so they are projected once and broadcast (their gradients summed).
+        images = media.shape[0]
         normed_latents = self.norm_latents(latents)
-        query = self.to_q(normed_latents)
-        keys_values = torch.cat([self.media_keys_values(media), self.to_kv(normed_latents)], dim=1)
+        query = self.to_q(normed_latents).expand(images, -1, -1)
+        latent_keys_values = self.to_kv(normed_latents).expand(images, -1, -1)
+        keys_values = torch.cat([self.media_keys_values(media), latent_keys_values], dim=1)
         key, value = keys_values.chunk(2, dim=-1)
         query, key, value = (rearrange(x, "n t (h d) -> n h t d", h=self.heads) for x in (query, key, value))
         latents = self.to_out(attend(self, query, key, value, None, self.scale)) + latents
@@ -178,7 +182,7 @@ class PerceiverResampler(nn.Module):
         elif num_frames > 1:
             raise ValueError(f"got {num_frames} frames per image, but this model takes images only (config.max_num_frames is None)")
         media = rearrange(features, "n f v d -> n (f v) d")
-        latents = self.latents.expand(media.shape[0], -1, -1)
+        latents = self.latents[None]  # (1, n_latents, D_v): the first block broadcasts it over the images
         for layer in self.layers:
             latents = layer(latents, media)
         return self.norm(latents)
@@ -380,7 +384,9 @@ def splice_cross_attention(language_model: nn.Module, config: FlamingoConfig) ->
 # --------------------------------------------------------------------------------------------------
 # Language models whose causal-LM forward is `lm_head(get_decoder()(...).last_hidden_state)` and nothing more (no logit
 # scaling or soft-capping after the head), so that `supervised_token_loss` on the decoder's output is their loss.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "mpt", "gpt_neox"})
+# Their decoder layers' position-wise feed-forward module, by name (see `feed_forward_at`).
+DECODER_FEED_FORWARD = {"llama": "mlp", "mistral": "mlp", "qwen2": "mlp", "mpt": "ffn", "gpt_neox": "mlp"}
+PLAIN_HEAD_MODEL_TYPES = frozenset(DECODER_FEED_FORWARD)
 IGNORE_INDEX = -100
 # Rows of logits formed at once: about 32 MiB of float32 logits at a 32k vocabulary.
 LOSS_CHUNK_VALUES = 2**23
@@ -433,19 +439,55 @@ class SupervisedTokenLoss(torch.autograd.Function):
         return *(None if grad is None else grad * scale.to(grad.dtype) for grad in grads), None, None
 
 
+def supervised_positions(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B·T,) next-token targets of the flattened positions (-100 where none is supervised), and (K,) the indices of
+    the K supervised ones. A host sync: K is only known on the host afterwards."""
+    targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten().to(device)
+    return targets, (targets != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def supervised_token_loss(hidden_states: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
-                          num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+                          num_items_in_batch: torch.Tensor | int | None = None,
+                          positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """transformers' causal-LM loss of `head(hidden_states)` against `labels` (shifted here: position t predicts
     labels[t + 1]; -100 is ignored), computing the head only at the positions whose next label is supervised. The
-    mean over those positions, or their sum divided by `num_items_in_batch` when given (gradient accumulation)."""
-    targets = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten().to(hidden_states.device)
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # the one host sync: how many positions are supervised
+    mean over those positions, or their sum divided by `num_items_in_batch` when given (gradient accumulation).
+    `positions`: `supervised_positions(labels)`, if the caller has them already."""
+    targets, rows = (x.to(hidden_states.device) for x in positions or supervised_positions(labels, hidden_states.device))
     selected = hidden_states.flatten(0, 1).index_select(0, rows)
     if num_items_in_batch is None:
         denominator = torch.tensor(float(rows.numel()), device=hidden_states.device)
     else:
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden_states.device)
     return SupervisedTokenLoss.apply(selected, head.weight, head.bias, targets.index_select(0, rows), denominator)
+
+
+@contextlib.contextmanager
+def feed_forward_at(module: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Within the block, `module` (a position-wise feed-forward, called with (B, T, ·) tensors) runs at the flattened
+    positions `rows` only and outputs zeros at the others.
+
+    In the last decoder layer a position's feed-forward output reaches nothing but that position's final hidden
+    state, so a loss-only forward needs it at the supervised positions alone: with Otter's labels (the answers, about
+    a quarter of the tokens) that skips most of the layer's largest products, forward and backward. The hidden states
+    it leaves at the other positions are not the model's."""
+    own_forward = module.__dict__.get("forward")  # a hook's wrapper (accelerate's), kept and called
+    forward = module.forward
+
+    def at_rows(*args: torch.Tensor) -> torch.Tensor:
+        batch, length = args[0].shape[:2]
+        index = rows.to(args[0].device)
+        output = forward(*(x.flatten(0, 1).index_select(0, index)[None] for x in args))[0]  # (K, D)
+        return output.new_zeros(batch * length, output.shape[-1]).index_copy(0, index, output).unflatten(0, (batch, length))
+
+    module.forward = at_rows
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del module.forward
+        else:
+            module.forward = own_forward
 
 
 # --------------------------------------------------------------------------------------------------
@@ -816,8 +858,15 @@ class FlamingoModel(FlamingoPreTrainedModel, GenerationMixin):
         """The language model's decoder, then `supervised_token_loss` on its output: the causal LM's forward for
         the models of `PLAIN_HEAD_MODEL_TYPES`, whose head is applied to the decoder's output and nothing else."""
         num_items_in_batch = lm_inputs.pop("num_items_in_batch", None)
-        outputs = self.lang_encoder.get_decoder()(**lm_inputs)
-        loss = supervised_token_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels, num_items_in_batch)
+        head = self.get_output_embeddings()
+        positions = supervised_positions(labels, head.weight.device)
+        last_layer = self.decoder_layers[-1].decoder_layer
+        feed_forward = last_layer.get_submodule(DECODER_FEED_FORWARD[self.lang_encoder.config.model_type])
+        # Gradient checkpointing runs the layer again in the backward pass, outside this call: there, all positions.
+        every_position = self.lang_encoder.is_gradient_checkpointing or lm_inputs.get("output_hidden_states")
+        with contextlib.nullcontext() if every_position else feed_forward_at(feed_forward, positions[1]):
+            outputs = self.lang_encoder.get_decoder()(**lm_inputs)
+        loss = supervised_token_loss(outputs.last_hidden_state, head, labels, num_items_in_batch, positions)
         return CausalLMOutputWithPast(loss=loss, cache=getattr(outputs, "cache", None),
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 

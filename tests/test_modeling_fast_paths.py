@@ -168,3 +168,56 @@ def test_loss_only_on_a_language_model_outside_the_plain_heads_takes_the_full_co
     with torch.no_grad():
         expected, outputs = model(**inputs).loss, model(**inputs, loss_only=True)
     assert outputs.logits is None and torch.equal(outputs.loss, expected)
+
+
+@pytest.mark.parametrize("lm", ["llama", "mpt", "gpt_neox"])
+def test_loss_only_runs_the_last_feed_forward_at_the_supervised_positions_only(lm):
+    """The last decoder layer's feed-forward sees only the supervised positions (the loss is checked against the full
+    computation above); the others, and the module afterwards, are as before."""
+    from flamingo.modeling_flamingo import DECODER_FEED_FORWARD
+
+    model = tiny_model(lm)
+    model.set_trainable()
+    inputs = labelled_batch()
+    supervised = int((inputs["labels"][:, 1:] != -100).sum())
+    rows_seen = {}
+    for index, layer in enumerate(model.decoder_layers):
+        feed_forward = layer.decoder_layer.get_submodule(DECODER_FEED_FORWARD[lm])
+        first_linear = next(m for m in feed_forward.modules() if isinstance(m, torch.nn.Linear))
+        first_linear.register_forward_pre_hook(lambda m, args, index=index: rows_seen.update({index: args[0].shape[:-1].numel()}))
+    model(**inputs, loss_only=True).loss.backward()
+    last = len(model.decoder_layers) - 1
+    assert rows_seen[last] == supervised < inputs["input_ids"].numel()
+    assert all(rows == inputs["input_ids"].numel() for index, rows in rows_seen.items() if index != last)
+    assert "forward" not in model.decoder_layers[last].decoder_layer.get_submodule(DECODER_FEED_FORWARD[lm]).__dict__
+    for call in ({}, {"loss_only": True, "output_hidden_states": True}):  # every position: plain, or hidden states asked
+        rows_seen.clear()
+        model(**inputs, **call)
+        assert rows_seen[last] == inputs["input_ids"].numel()
+
+
+def test_perceiver_block_broadcasts_one_set_of_latents_as_the_images_own_copies():
+    """The first block takes the learned latents once, (1, n, D), for all images: the same outputs and latent
+    gradients as with a copy per image."""
+    block = randomized_block()
+    media = torch.randn(3, 5, block.norm_media.normalized_shape[0])
+    latents = torch.randn(1, 4, media.shape[-1])
+    shared, shared_grads = gradients(block, block, latents, media)
+    copies, copies_grads = gradients(block, lambda x, m: block(x.expand(3, -1, -1), m), latents, media)
+    torch.testing.assert_close(shared, copies, rtol=0, atol=1e-6)
+    for name, gradient in copies_grads.items():
+        torch.testing.assert_close(shared_grads[name], gradient, rtol=0, atol=1e-5 * max(1.0, gradient.abs().max().item()))
+
+
+def test_loss_only_under_gradient_checkpointing_gives_the_full_computation_s_gradients():
+    """Checkpointed layers run again in the backward pass, so there the last feed-forward runs at every position."""
+    model = tiny_model()
+    model.set_trainable()
+    model.train()
+    inputs = labelled_batch()
+    full, expected = loss_and_gradients(model, **inputs)
+    model.gradient_checkpointing_enable()
+    fast, grads = loss_and_gradients(model, **inputs, loss_only=True)
+    assert abs(fast.loss.item() - full.loss.item()) <= 1e-6
+    for name, gradient in expected.items():
+        assert (grads[name] - gradient).abs().max().item() <= 1e-6 * max(1.0, gradient.abs().max().item()), name
