@@ -221,3 +221,23 @@ def test_loss_only_under_gradient_checkpointing_gives_the_full_computation_s_gra
     assert abs(fast.loss.item() - full.loss.item()) <= 1e-6
     for name, gradient in expected.items():
         assert (grads[name] - gradient).abs().max().item() <= 1e-6 * max(1.0, gradient.abs().max().item()), name
+
+
+def test_feed_forward_at_keeps_a_hook_s_forward_wrapper():
+    """accelerate's hooks replace `module.forward` on the instance: it is called at the rows, and put back after."""
+    from flamingo.modeling_flamingo import feed_forward_at
+
+    module, calls = torch.nn.Linear(3, 2), []
+
+    def hooked_forward(x, plain=module.forward):
+        calls.append(x.shape)
+        return plain(x)
+
+    module.forward = hooked_forward
+    x = torch.randn(2, 4, 3)
+    with feed_forward_at(module, torch.tensor([1, 6])):
+        output = module(x)
+    assert calls == [torch.Size([1, 2, 3])] and module.forward is hooked_forward
+    expected = torch.zeros(8, 2)
+    expected[[1, 6]] = torch.nn.functional.linear(x.flatten(0, 1)[[1, 6]], module.weight, module.bias)
+    torch.testing.assert_close(output, expected.view(2, 4, 2), rtol=0, atol=1e-6)
