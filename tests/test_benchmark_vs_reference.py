@@ -86,6 +86,24 @@ def test_paired_ratio_takes_the_median_of_per_round_ratios():
     assert benchmark.paired_ratio([2.0, 3.0, 8.0], [1.0, 1.0, 2.0]) == "3.00 (2.00-4.00)"
 
 
+def test_the_gpu_runs_bfloat16_path_runs_on_the_cpu():
+    """`--device cuda --dtype bfloat16` has never run here (no GPU): its dtype handling (weights, pixels, AdamW on
+    bf16 parameters, ours' float32 loss from bf16 logits) is run on the CPU instead, on the tiny config."""
+    benchmark = load_script()
+    output = StringIO()
+    with redirect_stdout(output):
+        benchmark.main(["--config", "tiny", "--dtype", "bfloat16", "--systems", "ours", "OpenFlamingo",
+                        "--workloads", "train step", "--rounds", "1", "--memory-passes", "1"])
+    report = output.getvalue()
+    # bf16 keeps 8 bits of mantissa: the two implementations round differently, but stay the same model
+    difference = float(re.search(r"max \|logit\(ours\) - logit\(OpenFlamingo\)\| = (\S+);", report).group(1))
+    assert difference < 1e-2
+    assert "identical greedy tokens: yes" in report and "dtype=bfloat16" in report
+    rows = [line.strip("| ").split(" | ") for line in report.splitlines() if line.startswith("| train step")]
+    assert {cells[3] for cells in rows} == {"ours", "OpenFlamingo"}
+    assert all(float(cells[4]) > 0 for cells in rows)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 def test_cuda_without_a_gpu_is_a_clean_skip():
     import torch
