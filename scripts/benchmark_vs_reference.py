@@ -32,6 +32,10 @@ greedy generation gives the same tokens are printed.
     python scripts/benchmark_vs_reference.py                          # 9B proportions scaled down, CPU, fp32
     python scripts/benchmark_vs_reference.py --config tiny --rounds 3
     python scripts/benchmark_vs_reference.py --device cuda --dtype bfloat16   # OpenFlamingo-9B's shape (--config 9b)
+    python scripts/benchmark_vs_reference.py --systems ours OpenFlamingo --workloads "train step" --compile
+
+`--compile` runs ours through `torch.compile` (inductor, its defaults), the others eagerly: not a comparison of
+implementations, but what compiling adds to ours. The compilation happens in the warm-up round, whose time is printed.
 
 Without CUDA, `--device cuda` says so and exits with status 0 (a skip: nothing was measured).
 """
@@ -523,6 +527,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="peak-memory calls per workload and system after the rounds; the median is reported (default 3)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and pixels (default float32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile ours (not the others) before the warm-up round, which then compiles it")
     parser.add_argument("--profile-train-step", action="store_true",
                         help="instead of the table: torch.profiler's top operators of one training step (batch 8, 3 images)")
     args = parser.parse_args(argv)
@@ -563,7 +569,10 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {shape: inputs_of(*shape) for shape in sorted({(job.batch, job.images) for job in jobs})}
     calls = [(job, system, lambda job=job, system=system: job.run(system, inputs[job.batch, job.images]))
              for job in jobs for system in systems if job.applies_to(system)]
-    for _, _, call in calls:  # warm-up: first calls allocate and pick kernels
+    if args.compile and "ours" in by_name:
+        by_name["ours"].model.compile()
+    warm_up = time.perf_counter()
+    for _, _, call in calls:  # warm-up: first calls allocate and pick kernels (and compile ours with --compile)
         call()
     started = time.perf_counter()
     samples = run_rounds(calls, args.rounds, device)
@@ -572,7 +581,8 @@ def main(argv: list[str] | None = None) -> None:
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nconfig={args.config} {sizes} device={device_name} dtype={args.dtype} rounds={args.rounds} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}; timed rounds took {time.perf_counter() - started:.0f} s")
+          f"threads={torch.get_num_threads()} torch={torch.__version__}{' ours compiled' if args.compile else ''}; warm-up took "
+          f"{started - warm_up:.0f} s, timed rounds {time.perf_counter() - started:.0f} s")
     print_report(samples, memory, jobs, sizes.prompt_tokens)
 
 
