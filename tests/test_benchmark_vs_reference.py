@@ -34,7 +34,7 @@ def report() -> str:
     benchmark = load_script()
     output = StringIO()
     with redirect_stdout(output):
-        benchmark.main(["--config", "tiny", "--rounds", "2", "--new-tokens", "3", "--generate-batches", "2"])
+        benchmark.main(["--config", "tiny", "--rounds", "2", "--memory-passes", "1", "--new-tokens", "3", "--generate-batches", "2"])
     sys.stdout.write(output.getvalue())
     return output.getvalue()
 
