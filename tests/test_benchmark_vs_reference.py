@@ -149,3 +149,15 @@ def test_a_count_below_one_is_refused_with_the_flag_named(flag, capsys):
         benchmark.parse_arguments([flag, "0"])
     assert exit_info.value.code == 2
     assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--systems", "OpenFlamingo", "IDEFICS", "--compile"], "--compile compiles ours, which --systems leaves out (OpenFlamingo, IDEFICS)"),
+    (["--compile", "--profile-train-step"], "--compile applies to the timed table, not to --profile-train-step"),
+])
+def test_compile_without_ours_timed_is_refused(argv, message, capsys):
+    benchmark = load_script()
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_arguments(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
